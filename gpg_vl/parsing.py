@@ -1,0 +1,39 @@
+"""Parsing of the `<think>...</think><answer>...</answer>` completion format shared by the tasks.
+
+Kept strict and regex-only so scoring never raises and stays fast on adversarial strings (very long,
+nested tags, unicode): every pattern is linear-time and anchored.
+"""
+
+from __future__ import annotations
+
+import re
+
+THINK_ANSWER_INSTRUCTION = (
+    "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+)
+
+_TAG = re.compile(r"</?(?:think|answer)>")
+_FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def format_ok(completion: str) -> bool:
+    """True when the completion is exactly one <think> block then one <answer> block, nothing else."""
+    match = _FORMAT.fullmatch(completion)
+    return bool(match) and len(_TAG.findall(completion)) == 4
+
+
+def extract_think(completion: str) -> str | None:
+    """The text inside the first <think>...</think>, stripped; None when absent."""
+    match = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
+    return match.group(1).strip() if match else None
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text inside the last <answer>...</answer>, stripped; None when absent.
+
+    The last block is taken, as R1-V and Visual-RFT do, so a model that restates its answer is graded on
+    its final word.
+    """
+    found = _ANSWER.findall(completion)
+    return found[-1].strip() if found else None

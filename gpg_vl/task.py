@@ -1,0 +1,113 @@
+"""The task plugin API: what a task must provide so one trainer, `gpg-vl eval` and the demo can use it.
+
+A task loads examples (plain dicts), renders one as chat messages with PIL images inside, scores a
+completion into a `RewardOutput`, and turns a list of completions into evaluation metrics (fractions in
+[0, 1]). Register a task through the `gpg_vl.tasks` entry-point group or name it as `file.py:Class`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from PIL import Image
+
+# Qwen2-VL's own processor defaults; the trainer and eval overwrite them from the model config.
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+
+
+@dataclass
+class RewardOutput:
+    """The score of one completion: `total` is what the trainer optimises, `components` what it logs."""
+
+    total: float
+    components: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.total = float(self.total)
+        if not math.isfinite(self.total):
+            raise ValueError(f"reward total must be finite, got {self.total}")
+        self.components = {k: float(v) for k, v in self.components.items()}
+
+    def as_metrics(self, prefix: str = "reward/") -> dict[str, float]:
+        """Flat dict for logging, e.g. {"reward/total": 1.0, "reward/format": 1.0}."""
+        return {f"{prefix}total": self.total, **{f"{prefix}{k}": v for k, v in self.components.items()}}
+
+
+class Task:
+    """Base class of a task plugin. Subclasses set `name`/`description` and implement the four methods.
+
+    Keyword options given to `get_task(name, **options)` reach `__init__`; unknown ones fail there.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: dataset used when no path is given (a hub id, or "synthetic" for a generated twin)
+    default_train_data: ClassVar[str | None] = None
+    default_eval_data: ClassVar[str | None] = None
+    default_eval_split: ClassVar[str] = "test"
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(f"task {self.name or type(self).__name__!r} got unknown options: {sorted(options)}")
+        self.min_pixels = DEFAULT_MIN_PIXELS
+        self.max_pixels = DEFAULT_MAX_PIXELS
+
+    # ---- what every task implements -------------------------------------------------------------
+    def load(self, path: str | None = None, split: str = "train") -> Sequence[dict]:
+        """Load a split from a hub id or a local file/folder; returns a sequence of example dicts."""
+        raise NotImplementedError
+
+    def messages(self, example: dict) -> list[dict]:
+        """Chat messages for one example, Qwen style: content items {"type": "image", "image": PIL} / text.
+
+        A final assistant message, if present, is a prefix the model continues (base-model prompts).
+        """
+        raise NotImplementedError
+
+    def score(self, completion: str, example: dict) -> RewardOutput:
+        """Reward of one completion against its example. Never raises on any string."""
+        raise NotImplementedError
+
+    def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
+        """Evaluation metrics (fractions in [0, 1]) over aligned examples and completions."""
+        raise NotImplementedError
+
+    # ---- optional hooks with sensible defaults ------------------------------------------------
+    def configure_images(self, min_pixels: int, max_pixels: int) -> None:
+        """Called by trainer/eval/demo with the model's pixel budget (tasks that rescale boxes need it)."""
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+
+    def parse_answer(self, completion: str) -> str | None:
+        """The final answer a completion gives (for records and the demo); None when there is none."""
+        from gpg_vl.parsing import extract_answer
+
+        return extract_answer(completion)
+
+    def example_id(self, example: dict, index: int) -> str:
+        """A stable id for records and resumable evaluation."""
+        for key in ("id", "idx", "image_id"):
+            if key in example and example[key] is not None:
+                return str(example[key])
+        return str(index)
+
+    def record_fields(self, example: dict) -> dict[str, Any]:
+        """JSON-safe task fields copied into evaluation records (category, ground truth, box, ...)."""
+        return {
+            k: v
+            for k, v in example.items()
+            if isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and all(isinstance(x, (int, float, str)) for x in v))
+        }
+
+    def images(self, example: dict) -> list[Image.Image]:
+        """The PIL images of an example, in the order its messages show them."""
+        return [
+            item["image"]
+            for message in self.messages(example)
+            if isinstance(message.get("content"), list)
+            for item in message["content"]
+            if item.get("type") == "image"
+        ]

@@ -1,0 +1,3 @@
+from gpg_vl.task import Task
+class ShapesTask(Task):
+    name = "shapes"
