@@ -1,0 +1,152 @@
+"""Reading example records from a hub id or a local file/folder, and turning image fields into PIL images.
+
+Tasks call `read_records` so every task accepts the same kinds of path: a hub dataset id, a local
+parquet/JSONL/JSON file, or a folder of them (or a `save_to_disk` folder). Offline, a hub id fails with a
+message that says how to point at local files instead.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+_LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be found or read, or an example that lacks what the task needs."""
+
+
+def read_records(path: str, split: str = "train") -> list[dict]:
+    """All rows of `path` (hub id, local file, or folder) as a list of dicts.
+
+    For local JSON files holding one top-level list (Visual-RFT style), that list is returned as is.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        return _read_local(local, split)
+    if path.startswith((".", "/", "~")) or path.endswith(tuple(_LOCAL_SUFFIXES)):
+        raise DataError(f"dataset file or folder not found: {path}")
+    return _read_hub(path, split)
+
+
+def _read_local(path: Path, split: str) -> list[dict]:
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = _pick_split(ds, split, str(path))
+            return list(ds)
+        files = sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_SUFFIXES and split in p.name)
+        files = files or sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no .parquet/.jsonl/.json/.csv files found")
+        return [row for f in files for row in _read_local(f, split)]
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            data = None  # JSON lines with a .json suffix
+        if isinstance(data, list):
+            return data
+    if path.suffix == ".jsonl" or path.suffix == ".json":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
+        return rows
+    if path.suffix not in _LOCAL_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {path.suffix!r} (use parquet, jsonl, json or csv)")
+    import datasets
+
+    return list(datasets.load_dataset(_LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train"))
+
+
+def _pick_split(ds, split: str, where: str):
+    if split not in ds:
+        raise DataError(f"{where}: no split {split!r}; available: {', '.join(ds)}")
+    return ds[split]
+
+
+def _read_hub(repo_id: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(repo_id, split=split))
+    except Exception as e:  # offline machines raise several different errors here
+        offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
+        raise DataError(
+            f"could not load dataset {repo_id!r} (split {split!r}) from the hub{' (offline mode)' if offline else ''}: "
+            f"{type(e).__name__}: {str(e)[:300]}\n"
+            "Download it where a hub is reachable (e.g. `huggingface-cli download --repo-type dataset "
+            f"{repo_id} --local-dir DIR`) and pass the local file or folder instead."
+        ) from None
+
+
+def to_pil(value: Any, base_dir: str | Path | None = None, where: str = "image") -> Image.Image:
+    """A PIL RGB image from what datasets store: PIL, raw bytes, {"bytes":..,"path":..}, or a file path.
+
+    Relative paths are resolved against `base_dir` (the folder of the file that named them).
+    """
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, dict) and value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict) and value.get("path"):
+            return to_pil(value["path"], base_dir, where)
+        elif isinstance(value, (str, os.PathLike)):
+            path = Path(value).expanduser()
+            if not path.is_absolute() and base_dir is not None:
+                path = Path(base_dir) / path
+            if not path.is_file():
+                raise DataError(f"{where}: image file not found: {path}")
+            image = Image.open(path)
+        else:
+            raise DataError(f"{where}: cannot read an image from a {type(value).__name__}")
+        image.load()
+    except DataError:
+        raise
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError on corrupt files
+        raise DataError(f"{where}: unreadable image ({type(e).__name__}: {e})") from None
+    return image.convert("RGB")
+
+
+def limit(examples: Sequence[dict], n: int | None) -> Sequence[dict]:
+    """The first n examples (all when n is None)."""
+    return examples if n is None else examples[:n]
+
+
+SYNTHETIC = "synthetic"
+
+
+def synthetic_spec(path: str | None, split: str, default_size: int = 1000) -> tuple[int, int] | None:
+    """For `synthetic` or `synthetic:N`, the (size, seed) of the generated split; None for real data.
+
+    The seed depends on the split name only, so `train` and `test` never share examples and every run
+    sees the same ones.
+    """
+    if path is None or not (path == SYNTHETIC or path.startswith(SYNTHETIC + ":")):
+        return None
+    size = default_size
+    if ":" in path:
+        text = path.split(":", 1)[1]
+        if not text.isdigit() or int(text) < 1:
+            raise DataError(f"{path!r}: the size after 'synthetic:' must be a positive integer")
+        size = int(text)
+    import zlib
+
+    return size, zlib.crc32(split.encode()) % (2**31)
