@@ -37,3 +37,31 @@ def extract_answer(completion: str) -> str | None:
     """
     found = _ANSWER.findall(completion)
     return found[-1].strip() if found else None
+
+
+_LETTER = re.compile(r"^\(?([A-Z])\)?(?=$|[\s.:,)])")
+_ANY_LETTER = re.compile(r"\(([A-Z])\)")
+
+
+def match_choice(answer: str, choices: list[str]) -> int | None:
+    """Index of the choice an answer names, by letter (`B`, `(B)`, `(B) blue`) or by its text; else None.
+
+    An answer that names two different letters, or matches no choice, names none.
+    """
+    text = answer.strip()
+    letters = set(_ANY_LETTER.findall(text))
+    first = _LETTER.match(text)
+    if first:
+        letters.add(first.group(1))
+    if len(letters) > 1:
+        return None
+    if letters:
+        index = ord(letters.pop()) - ord("A")
+        return index if index < len(choices) else None
+    norm = _normalize(text)
+    named = [i for i, c in enumerate(choices) if _normalize(str(c)) == norm]
+    return named[0] if len(named) == 1 else None
+
+
+def _normalize(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())

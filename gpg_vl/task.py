@@ -104,10 +104,6 @@ class Task:
 
     def images(self, example: dict) -> list[Image.Image]:
         """The PIL images of an example, in the order its messages show them."""
-        return [
-            item["image"]
-            for message in self.messages(example)
-            if isinstance(message.get("content"), list)
-            for item in message["content"]
-            if item.get("type") == "image"
-        ]
+        from gpg_vl.images import message_images
+
+        return message_images(self.messages(example))

@@ -1,3 +1,130 @@
-from gpg_vl.task import Task
+"""`shapes`: the built-in synthetic task. One large PIL-drawn shape; "what colour (or shape) is it?"
+
+CV-Bench style: the question, lettered choices in a fixed order, an answer like `(B)`. Deterministic by
+seed, no download, learnable by the tiny CPU model in minutes: it is what the quickstart and tests train on.
+Data paths: `synthetic` (1000 examples) or `synthetic:N`; the split name seeds the generator.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw
+
+from gpg_vl.data import DataError, synthetic_spec
+from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
+from gpg_vl.task import RewardOutput, Task
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
+SHAPES = ("circle", "square", "triangle", "diamond")
+QUESTIONS = {"color": "What colour is the shape in the image?", "shape": "What shape is in the image?"}
+LETTERS = "ABCDEFGH"
+BASE_SYSTEM = (
+    "A conversation between User and Assistant. The user asks a question about an image, and the Assistant "
+    "answers it. The Assistant first thinks about the reasoning process and then gives the answer, enclosed "
+    "in <think> </think> and <answer> </answer> tags: <think> reasoning </think><answer> answer </answer>."
+)
+
+
+def draw_shape(shape: str, color: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
+    """A `size`x`size` image with one large shape (side 45-70% of the image) at a random place."""
+    image = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(image)
+    side = int(size * rng.uniform(0.45, 0.7))
+    x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
+    x1, y1 = x0 + side, y0 + side
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=color)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=color)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, (y0 + y1) // 2), ((x0 + x1) // 2, y1), (x0, (y0 + y1) // 2)], fill=color)
+    return image
+
+
 class ShapesTask(Task):
+    """Options: questions (list of "color"/"shape"), image_size (px), prompt_style (instruct|base)."""
+
     name = "shapes"
+    description = "Synthetic: the colour or shape of one large drawn shape, 4 lettered choices (offline, quickstart)"
+    default_train_data = "synthetic:2000"
+    default_eval_data = "synthetic:200"
+
+    def __init__(self, questions: Sequence[str] = ("color",), image_size: int = 112, prompt_style: str = "instruct"):
+        super().__init__()
+        unknown = set(questions) - set(QUESTIONS)
+        if unknown or not questions:
+            raise ValueError(f"shapes: questions must be a non-empty subset of {sorted(QUESTIONS)}, got {list(questions)}")
+        if prompt_style not in ("instruct", "base"):
+            raise ValueError(f"shapes: prompt_style must be 'instruct' or 'base', got {prompt_style!r}")
+        self.questions, self.image_size, self.prompt_style = list(questions), int(image_size), prompt_style
+
+    def load(self, path: str | None = None, split: str = "train") -> list[dict]:
+        path = path or (self.default_train_data if split == "train" else self.default_eval_data)
+        spec = synthetic_spec(path, split)
+        if spec is None:
+            raise DataError(f"shapes is synthetic only: use data 'synthetic' or 'synthetic:N', not {path!r}")
+        size, seed = spec
+        rng = random.Random(seed)
+        return [self._make_example(rng, f"{split}-{i}") for i in range(size)]
+
+    def _make_example(self, rng: random.Random, example_id: str) -> dict:
+        kind = rng.choice(self.questions)
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        choices = list(COLORS) if kind == "color" else list(SHAPES)  # fixed order: the letter carries no hint
+        truth = color if kind == "color" else shape
+        return {
+            "id": example_id,
+            "image": draw_shape(shape, COLORS[color], self.image_size, rng),
+            "question": QUESTIONS[kind],
+            "choices": choices,
+            "answer": f"({LETTERS[choices.index(truth)]})",
+            "category": kind,
+        }
+
+    def prompt_text(self, example: dict) -> str:
+        options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(example["choices"]))
+        return f"{example['question']}\n{options}"
+
+    def messages(self, example: dict) -> list[dict]:
+        user = [{"type": "image", "image": example["image"]}]
+        if self.prompt_style == "base":
+            user.append({"type": "text", "text": self.prompt_text(example)})
+            return [
+                {"role": "system", "content": BASE_SYSTEM},
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": "<think>"},
+            ]
+        user.append({"type": "text", "text": f"{self.prompt_text(example)}\n{THINK_ANSWER_INSTRUCTION}"})
+        return [{"role": "user", "content": user}]
+
+    def _full(self, completion: str) -> str:
+        if self.prompt_style == "base" and not completion.lstrip().startswith("<think>"):
+            return "<think>" + completion
+        return completion
+
+    def is_correct(self, completion: str, example: dict) -> bool:
+        answer = extract_answer(self._full(completion))
+        truth = LETTERS.index(example["answer"].strip("()"))
+        return answer is not None and match_choice(answer, example["choices"]) == truth
+
+    def score(self, completion: str, example: dict) -> RewardOutput:
+        fmt = float(format_ok(self._full(completion)))
+        acc = float(self.is_correct(completion, example))
+        return RewardOutput(total=fmt + acc, components={"format": fmt, "accuracy": acc})
+
+    def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
+        if len(examples) != len(completions):
+            raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+        if not examples:
+            return {}
+        hits = [self.is_correct(c, e) for e, c in zip(examples, completions)]
+        out = {"accuracy": sum(hits) / len(hits)}
+        out["format"] = sum(format_ok(self._full(c)) for c in completions) / len(completions)
+        for kind in sorted({e["category"] for e in examples}):
+            picked = [h for h, e in zip(hits, examples) if e["category"] == kind]
+            out[f"accuracy/{kind}"] = sum(picked) / len(picked)
+        return out

@@ -1,0 +1,68 @@
+"""The one image-resize rule: Qwen2-VL's smart resize, applied before the processor everywhere.
+
+Rollouts, the training forward, eval and the demo all call `resize_for_model`, so the image the policy is
+trained on is the image it is evaluated on, and a box predicted on it can be mapped back (`scale_box`).
+"""
+
+from __future__ import annotations
+
+import math
+
+from PIL import Image
+
+FACTOR = 28  # patch 14 x spatial merge 2: one merged image token covers 28x28 pixels
+
+
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor`, area scaled into [min_pixels, max_pixels], aspect kept."""
+    if min(height, width) <= 0:
+        raise ValueError(f"image has an empty side: {width}x{height}")
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image aspect ratio over 200 is not supported: {width}x{height}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def resize_for_model(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The RGB image at the size the model sees it (no-op when already there)."""
+    image = image.convert("RGB")
+    h, w = smart_resize(image.height, image.width, min_pixels, max_pixels)
+    if (h, w) == (image.height, image.width):
+        return image
+    return image.resize((w, h), Image.BICUBIC)
+
+
+def resize_messages(messages: list[dict], min_pixels: int, max_pixels: int) -> list[dict]:
+    """A copy of chat messages with every image resized by `resize_for_model`."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [
+                {**item, "image": resize_for_model(item["image"], min_pixels, max_pixels)}
+                if item.get("type") == "image"
+                else item
+                for item in content
+            ]
+        out.append({**message, "content": content})
+    return out
+
+
+def message_images(messages: list[dict]) -> list[Image.Image]:
+    """The images of chat messages in order of appearance."""
+    return [
+        item["image"]
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for item in message["content"]
+        if item.get("type") == "image"
+    ]

@@ -1,0 +1,76 @@
+"""Format warm-up for the built-in tiny model: teach `<think>..</think><answer>(X)</answer>`, not the answers.
+
+A randomly initialised policy never emits the answer format, so every group's rewards are equal and GPG
+has no gradient. This short supervised stage trains on the shapes prompts with a RANDOM letter as the
+answer, so the policy learns the format while staying at chance accuracy. It stops when SAMPLED (T=1)
+completions parse, not greedy ones: greedy parses long before samples do, and RL samples.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from gpg_vl.logprobs import compute_token_logprobs
+from gpg_vl.parsing import format_ok
+from gpg_vl.rollout.base import SamplingParams
+from gpg_vl.rollout.hf import HFEngine
+
+PIXELS = (56 * 56, 112 * 112)  # the tiny kit's image budget
+
+
+def _targets(rng: random.Random, n: int) -> list[str]:
+    return [f"<think>{rng.choice(['look', 'see', 'the shape'])}</think><answer>({rng.choice('ABCD')})</answer>" for _ in range(n)]
+
+
+def make_format_warm(
+    out_dir: str | Path,
+    base: str,
+    seed: int = 0,
+    max_steps: int = 600,
+    batch_size: int = 16,
+    lr: float = 2e-3,
+    target_parse_rate: float = 0.95,
+    check_every: int = 25,
+) -> Path:
+    """Warm `base` up on the format and save it to `out_dir` (atomically). Prints progress."""
+    from gpg_vl.checkpoint import atomic_dir
+    from gpg_vl.config import ModelConfig
+    from gpg_vl.images import resize_messages
+    from gpg_vl.modeling import load_policy
+    from gpg_vl.registry import get_task
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model, processor = load_policy(ModelConfig(name_or_path=base, min_pixels=PIXELS[0], max_pixels=PIXELS[1]))
+    task = get_task("shapes", questions=["color", "shape"])
+    examples = task.load("synthetic:512", split="warmup")
+    engine = HFEngine(model, processor, batch_size=64, min_pixels=PIXELS[0], max_pixels=PIXELS[1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    eos = processor.tokenizer.eos_token
+    start, rate = time.time(), 0.0
+    print(f"[warm-up] teaching the answer format to {base} (stops at {target_parse_rate:.0%} sampled parse rate)")
+    for step in range(1, max_steps + 1):
+        batch = rng.sample(examples, batch_size)
+        prompts = [resize_messages(task.messages(e), *PIXELS) for e in batch]
+        enc = processor.tokenizer([t + eos for t in _targets(rng, batch_size)], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        logprobs = compute_token_logprobs(model, processor(prompts), enc["input_ids"], enc["attention_mask"].float())
+        loss = -logprobs.sum() / enc["attention_mask"].sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % check_every == 0:
+            probe = [task.messages(e) for e in rng.sample(examples, 32)]
+            texts = engine.generate(probe, SamplingParams(n=1, temperature=1.0, max_new_tokens=24)).texts
+            rate = sum(map(format_ok, texts)) / len(texts)
+            print(f"[warm-up] step {step}: loss {loss.item():.3f}, sampled parse rate {rate:.2f}")
+            if rate >= target_parse_rate:
+                break
+    print(f"[warm-up] done in {time.time() - start:.0f}s after {step} steps (parse rate {rate:.2f})")
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)
