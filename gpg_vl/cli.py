@@ -1,0 +1,92 @@
+"""The `gpg-vl` command: train, eval, demo, tasks, make-tiny.
+
+`main(argv) -> int` so tests drive the CLI in-process. Each verb's arguments and work live in the module
+that owns it (`trainer`, `evaluate`, `gpg_vl_demo.app`); this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS = {
+    "train": ("gpg_vl.trainer", "Train a policy with GPG (or GRPO / Dr.GRPO) on a task."),
+    "eval": ("gpg_vl.evaluate", "Evaluate one or more checkpoints on a task with its published metrics."),
+    "demo": ("gpg_vl_demo.app", "Open a local web page that compares checkpoints side by side."),
+    "tasks": ("gpg_vl.cli", "List the registered tasks."),
+    "make-tiny": ("gpg_vl.cli", "Build a tiny random-weight Qwen2-VL / Qwen2.5-VL folder (offline kit)."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpg-vl",
+        description="Group Policy Gradient (GPG) reinforcement learning for vision-language models.",
+        epilog="Run `gpg-vl VERB --help` for the options of a verb.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb, (module, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        if module == __name__:
+            _own_arguments(p, verb)
+        else:
+            _module(module).add_arguments(p, verb)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(name)
+
+
+def _own_arguments(p: argparse.ArgumentParser, verb: str) -> None:
+    if verb == "make-tiny":
+        from gpg_vl.tiny import ARCHES, PRESETS
+
+        p.add_argument("out", help="folder to write the model to")
+        p.add_argument("--arch", choices=ARCHES, default="qwen2_vl", help="model family (default: qwen2_vl)")
+        p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="sizes (tiny ~0.8M params; small-20m for benchmarks)")
+        p.add_argument("--seed", type=int, default=0, help="weight and tokenizer seed (same seed, same folder)")
+
+
+def run_tasks(args) -> int:
+    from gpg_vl.registry import available_tasks, get_task_class
+
+    for name, target in available_tasks().items():
+        try:
+            description = get_task_class(name).description
+        except Exception as e:  # a broken third-party plugin must not hide the others
+            description = f"(failed to load {target}: {type(e).__name__}: {e})"
+        print(f"{name:16s} {description}")
+    return 0
+
+
+def run_make_tiny(args) -> int:
+    from gpg_vl.tiny import make_tiny
+
+    path = make_tiny(args.out, arch=args.arch, preset=args.preset, seed=args.seed)
+    print(f"wrote {args.arch} ({args.preset}) to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _ = VERBS[args.verb]
+    if module == __name__:
+        return {"tasks": run_tasks, "make-tiny": run_make_tiny}[args.verb](args)
+    from gpg_vl.config import ConfigError
+    from gpg_vl.data import DataError
+    from gpg_vl.modeling import ModelLoadError
+
+    try:
+        return int(_module(module).run(args) or 0)
+    except (ConfigError, DataError, ModelLoadError, FileNotFoundError) as e:
+        print(f"gpg-vl {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
