@@ -19,19 +19,22 @@ VERBS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `verb`'s module is imported for its options, so `gpg-vl --help` stays fast."""
     parser = argparse.ArgumentParser(
         prog="gpg-vl",
         description="Group Policy Gradient (GPG) reinforcement learning for vision-language models.",
         epilog="Run `gpg-vl VERB --help` for the options of a verb.",
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for verb, (module, help_text) in VERBS.items():
-        p = sub.add_parser(verb, help=help_text, description=help_text)
+    for name, (module, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name != verb:
+            continue
         if module == __name__:
-            _own_arguments(p, verb)
+            _own_arguments(p, name)
         else:
-            _module(module).add_arguments(p, verb)
+            _module(module).add_arguments(p, name)
     return parser
 
 
@@ -70,7 +73,8 @@ def run_make_tiny(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv[0] if argv and argv[0] in VERBS else None).parse_args(argv)
     module, _ = VERBS[args.verb]
     if module == __name__:
         return {"tasks": run_tasks, "make-tiny": run_make_tiny}[args.verb](args)

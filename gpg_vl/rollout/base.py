@@ -60,6 +60,25 @@ class Rollout:
         )
 
 
+    @staticmethod
+    def concat(parts: list["Rollout"], pad_id: int, offsets: list[int] | None = None) -> "Rollout":
+        """Stack rollouts (padding to the widest); `offsets` shift each part's prompt indices."""
+        width = max(p.completion_ids.shape[1] for p in parts)
+        offsets = offsets or [0] * len(parts)
+
+        def pad(t: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+        return Rollout(
+            prompt_indices=[i + off for p, off in zip(parts, offsets) for i in p.prompt_indices],
+            completion_ids=torch.cat([pad(p.completion_ids, pad_id) for p in parts]),
+            response_mask=torch.cat([pad(p.response_mask, 0.0) for p in parts]),
+            logprobs=torch.cat([pad(p.logprobs, 0.0) for p in parts]),
+            texts=[t for p in parts for t in p.texts],
+            finish_reasons=[f for p in parts for f in p.finish_reasons],
+        )
+
+
 class RolloutEngine(Protocol):
     """The interface the trainer, eval and demo use."""
 

@@ -40,7 +40,10 @@ class HFEngine:
             torch.manual_seed(params.seed)
         chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
         parts = [self._generate_chunk([resized[i] for i in chunk], params) for chunk in chunks]
-        return _concat(rows, parts, self.processor.pad_token_id)
+        pad_id = self.processor.pad_token_id
+        rollout = Rollout.concat([Rollout([], *part) for part in parts], pad_id)
+        rollout.prompt_indices = rows
+        return rollout
 
     def _generate_chunk(self, batch: list[list[dict]], params: SamplingParams):
         model = self.model
@@ -84,19 +87,3 @@ def _response_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[to
     mask = (positions[None, :] <= first[:, None]).float()
     finish = ["stop" if hit else "length" for hit in is_eos.any(1).tolist()]
     return mask, finish
-
-
-def _concat(rows: list[int], parts, pad_id: int) -> Rollout:
-    width = max(p[0].shape[1] for p in parts)
-
-    def pad(t: torch.Tensor, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    return Rollout(
-        prompt_indices=rows,
-        completion_ids=torch.cat([pad(p[0], pad_id) for p in parts]),
-        response_mask=torch.cat([pad(p[1], 0.0) for p in parts]),
-        logprobs=torch.cat([pad(p[2], 0.0) for p in parts]),
-        texts=[t for p in parts for t in p[3]],
-        finish_reasons=[f for p in parts for f in p[4]],
-    )

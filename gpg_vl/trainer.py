@@ -1,0 +1,360 @@
+"""`gpg-vl train`: one on-policy loop for GPG (and the GRPO / Dr.GRPO baselines).
+
+Each step: sample prompts -> roll out G completions each -> score -> resample below beta_th -> advantages
+-> loss -> optimizer step -> sync weights to the rollout engine -> log / evaluate / checkpoint.
+GPG drops from GRPO: the critic (none here either), the reference model and KL, the ratio and its clip,
+and the std normalisation; it adds AGE's alpha = B/(B-M). Run it:
+
+    gpg-vl train --config configs/quickstart.yaml            # offline tiny model, minutes on a CPU
+    gpg-vl train --task cvbench model.name_or_path=/path/to/Qwen2-VL-2B-Instruct
+    accelerate launch --num_processes 2 -m gpg_vl.cli train --config ...   # DDP
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from gpg_vl import algorithms
+from gpg_vl.checkpoint import CHECKPOINT_PREFIX, load_trainer_state, resolve_resume, save_checkpoint
+from gpg_vl.config import Config, load_config
+from gpg_vl.groups import PromptSampler, collect_groups
+from gpg_vl.images import message_images, resize_messages
+from gpg_vl.logger import RunLogger
+from gpg_vl.logprobs import compute_token_logprobs
+from gpg_vl.modeling import load_policy
+from gpg_vl.registry import get_task
+from gpg_vl.rollout import SamplingParams, make_engine
+
+RECIPES = Path(__file__).resolve().parent.parent / "configs"
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def add_arguments(p, verb: str) -> None:
+    p.add_argument("--config", help="YAML recipe (e.g. configs/quickstart.yaml)")
+    p.add_argument("--task", help="task name; loads configs/<task>.yaml as the recipe when it exists")
+    p.add_argument("--resume", nargs="?", const="latest", help="resume from a checkpoint folder (default: latest in output_dir)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.max_steps=2 algorithm.name=grpo")
+
+
+def config_from_args(args) -> Config:
+    """Recipe of --task (if any), then --config, then overrides; --task and --resume win over both."""
+    overrides = list(args.overrides)
+    path = args.config
+    if args.task:
+        recipe = RECIPES / f"{args.task}.yaml"
+        if path is None and recipe.is_file():
+            path = recipe
+        overrides.append(f"task.name={args.task}")
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    return load_config(path, overrides)
+
+
+def run(args) -> int:
+    train(config_from_args(args))
+    return 0
+
+
+# ---- helpers the loop reads from ---------------------------------------------------------------
+
+
+def make_scheduler(optimizer, cfg: Config):
+    """Linear warmup, then constant / linear / cosine decay to zero at max_steps."""
+    warmup, total, kind = cfg.optim.warmup_steps, max(1, cfg.train.max_steps), cfg.optim.lr_schedule
+    if kind not in ("constant", "linear", "cosine"):
+        raise ValueError(f"optim.lr_schedule must be constant, linear or cosine; got {kind!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def micro_batches(rows: list[int], size: int, count: int) -> list[list[int]]:
+    """Split `rows` into exactly `count` chunks of at most `size` (DDP needs the same count on every rank)."""
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    return chunks + [[] for _ in range(count - len(chunks))]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the last step's metrics (plus held-out ones if evaluated)."""
+    use_cuda = torch.cuda.is_available()
+    bf16 = use_cuda and cfg.model.dtype in ("auto", "bfloat16")
+    accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no")
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if cfg.train.prompts_per_step % world:
+        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must divide by the {world} processes")
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    out_dir = Path(cfg.train.output_dir)
+    algo, G = cfg.algorithm, cfg.rollout.group_size
+
+    # Task and data
+    task = get_task(cfg.task.name, **cfg.task.options)
+    task.configure_images(cfg.model.min_pixels, cfg.model.max_pixels)
+    train_examples = task.load(cfg.task.train_data, cfg.task.train_split)
+    if cfg.train.train_limit:
+        train_examples = train_examples[: cfg.train.train_limit]
+    eval_examples = None
+    if cfg.eval.every or cfg.eval.at_end:
+        eval_examples = task.load(cfg.task.eval_data, cfg.task.eval_split)[: cfg.task.eval_limit]
+
+    # Policy (fp32 master weights; bf16 autocast on GPU), optimizer, schedule
+    model_cfg = copy.deepcopy(cfg.model)
+    if bf16:
+        model_cfg.dtype = "float32"
+    resume_dir = resolve_resume(cfg.checkpoint.resume, out_dir) if cfg.checkpoint.resume else None
+    if resume_dir is not None:
+        state = load_trainer_state(resume_dir)
+        model_cfg.name_or_path = str(resume_dir)
+    model, processor = load_policy(model_cfg, accelerator.device)
+    ref_model = None
+    if algo.name == "grpo" and algo.kl_coef > 0:  # GPG never loads a reference model
+        ref_model, _ = load_policy(cfg.model, accelerator.device)
+        ref_model.eval().requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.adam_betas, weight_decay=cfg.optim.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    policy = accelerator.unwrap_model(model)
+    engine = make_engine(cfg.rollout.engine, policy, processor, cfg.rollout, cfg.model)
+    sampler = PromptSampler(len(train_examples), cfg.train.seed, rank, world)
+    start_step = 0
+    if resume_dir is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        start_step = state["step"]
+
+    def all_reduce_sum(values: list[int]) -> list[int]:
+        if world == 1:
+            return values
+        return accelerator.reduce(torch.tensor(values, device=accelerator.device), "sum").tolist()
+
+    def all_reduce_max(value: int) -> int:
+        if world == 1:
+            return value
+        t = torch.tensor(value, device=accelerator.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t)
+
+    def sampling(step: int):
+        # A fixed seed per (step, attempt, rank) makes rollouts reproducible across resume.
+        return lambda attempt: SamplingParams(
+            n=G,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            seed=cfg.train.seed * 1_000_003 + step * 101 + attempt * 7 + rank,
+        )
+
+    logger = RunLogger(cfg, out_dir, accelerator.is_main_process, cfg.train.max_steps, start_step)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    metrics: dict = {}
+    step_times: list[float] = []
+    model.train()
+
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        t0 = time.time()
+
+        # ==== 1. rollout + reward, resampling below the valid-group threshold (beta_th) ====
+        groups = collect_groups(
+            task, engine, train_examples, sampler, cfg.train.prompts_per_step, sampling(step),
+            algo.min_valid_fraction, algo.max_resample_attempts, processor.pad_token_id, all_reduce_sum,
+        )
+        rollout = groups.rollout
+        t_rollout = time.time() - t0
+
+        # ==== 2. advantages and AGE's alpha (B / (B - M), counted over all ranks) ====
+        advantages = algorithms.compute_advantages(algo.name, groups.rewards, group_size=G, std_normalize=algo.std_normalize)  # [B_local*G]
+        valid_fraction = groups.global_valid / groups.global_groups
+        alpha = algorithms.age_alpha(valid_fraction) if algo.age else 1.0
+        skipped = groups.global_valid == 0  # no group carries a gradient: skip the step, never NaN
+
+        # ==== 3. loss over micro-batches; normalisers count the WHOLE batch on all ranks ====
+        mask = rollout.response_mask  # [B_local*G, L]
+        total_tokens, total_seqs = all_reduce_sum([int(mask.sum()), mask.shape[0]])
+        # A zero-advantage sequence adds nothing to the gradient (without KL), so only the others are
+        # run forward; they still count in the normalisers, which keeps the loss exactly the paper's.
+        carries = [i for i in range(len(rollout)) if advantages[i] != 0 or ref_model is not None]
+        n_micro = all_reduce_max(math.ceil(len(carries) / cfg.optim.micro_batch_size))
+        loss_sum, loss_metrics, grad_norm = 0.0, {}, 0.0
+        if not skipped:
+            old_logprobs: dict[int, torch.Tensor] = {}
+            for iteration in range(algo.num_iterations):
+                chunks = micro_batches(carries, cfg.optim.micro_batch_size, n_micro)
+                for k, rows in enumerate(chunks):
+                    idle = not rows  # this rank has fewer micro-batches: it runs one with weight 0
+                    rows, weight = (carries[:1] or [0], 0.0) if idle else (rows, 1.0)
+                    prompts = [resize_messages(groups.prompts[rollout.prompt_indices[r]], cfg.model.min_pixels, cfg.model.max_pixels) for r in rows]
+                    inputs = processor(prompts).to(accelerator.device)
+                    sync = accelerator.no_sync(model) if k < len(chunks) - 1 else _null()
+                    with sync, accelerator.autocast():
+                        logprobs = compute_token_logprobs(model, inputs, rollout.completion_ids[rows], mask[rows], cfg.rollout.temperature)  # [m, L]
+                        if iteration == 0:
+                            old_logprobs[k] = logprobs.detach()
+                        ref = None
+                        if ref_model is not None:
+                            with torch.no_grad():
+                                ref = compute_token_logprobs(ref_model, inputs, rollout.completion_ids[rows], mask[rows], cfg.rollout.temperature)
+                        loss, m = algorithms.compute_policy_loss(
+                            algo.name, logprobs, advantages[rows].to(logprobs.device), mask[rows].to(logprobs.device),
+                            alpha=alpha, old_logprobs=old_logprobs[k], ref_logprobs=ref,
+                            clip_eps=algo.clip_eps, kl_coef=algo.kl_coef, loss_agg=algo.loss_agg,
+                            total_tokens=total_tokens, total_sequences=total_seqs,
+                            max_response_length=cfg.rollout.max_new_tokens,
+                        )
+                        # DDP averages gradients over ranks; the normalisers are global, so undo the mean
+                        accelerator.backward(loss * weight * world)
+                    loss_sum += loss.item() * weight
+                    for key, value in m.items():
+                        loss_metrics[key] = loss_metrics.get(key, 0.0) + value * len(rows) * weight / max(len(carries), 1)
+
+                # ==== 4. optimizer step ====
+                if cfg.optim.max_grad_norm > 0:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+            # ==== 5. sync weights to the rollout engine ====
+            engine.sync_weights(policy)
+
+        # ==== 6. log, evaluate, checkpoint ====
+        step_times.append(time.time() - t0)
+        loss_total = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item() if world > 1 else loss_sum
+        metrics = {
+            "loss": loss_total / algo.num_iterations,
+            "reward_mean": float(groups.rewards.mean()),
+            "reward_std": float(groups.rewards.std()) if len(groups.rewards) > 1 else 0.0,
+            **{f"reward/{k}": float(np.mean([c.get(k, 0.0) for c in groups.components])) for k in groups.components[0]},
+            "valid_fraction": valid_fraction,
+            "pool_valid_fraction": groups.pool_valid_fraction,
+            "alpha": alpha,
+            "resample_attempts": groups.resample_attempts,
+            "skipped": int(skipped),
+            "completion_length": float(mask.sum(1).mean()),
+            "truncated_fraction": sum(f == "length" for f in rollout.finish_reasons) / len(rollout),
+            "grad_norm": grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            "step_time_s": step_times[-1],
+            "rollout_time_s": t_rollout,
+            **{f"loss/{k}": v for k, v in loss_metrics.items() if k not in ("alpha", "valid_fraction")},
+        }
+        if skipped:
+            logger.write(f"step {step}: every group had equal rewards; skipped (no optimizer step)")
+        if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
+            log_samples(logger, step, groups, G, cfg.logging.num_samples)
+        if eval_examples is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.train.max_steps)):
+            metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg).items()})
+        logger.log(step, metrics)
+        if step == cfg.train.max_steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
+            save(accelerator, policy, processor, optimizer, scheduler, sampler, step, cfg)
+
+    logger.close()
+    if accelerator.is_main_process and step_times:
+        print(
+            f"done: {len(step_times)} steps, {np.mean(step_times):.2f} s/step (median {np.median(step_times):.2f}), "
+            f"peak memory {peak_memory_mb(accelerator.device):.0f} MiB; run folder {out_dir}"
+        )
+        if any(k.startswith("eval/") for k in metrics):
+            print("held-out: " + ", ".join(f"{k[5:]}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def evaluate_heldout(task, engine, examples, cfg: Config) -> dict[str, float]:
+    """Greedy completions on the held-out split, scored with the task's own metrics."""
+    from gpg_vl.evaluate import evaluate_completions
+
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
+    _, metrics = evaluate_completions(task, engine, examples, params, cfg.eval.batch_size)
+    return metrics
+
+
+def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: int) -> None:
+    rows, images = [], []
+    for g in range(min(count, len(groups.examples))):
+        span = range(g * group_size, (g + 1) * group_size)
+        text = next((item["text"] for m in groups.prompts[g] if isinstance(m["content"], list) for item in m["content"] if item.get("type") == "text"), "")
+        rows.append({
+            "prompt": text,
+            "completions": [groups.rollout.texts[i] for i in span],
+            "rewards": [float(groups.rewards[i]) for i in span],
+        })
+        found = message_images(groups.prompts[g])
+        images.append(found[0] if found else None)
+    logger.samples(step, rows, images)
+
+
+def save(accelerator, policy, processor, optimizer, scheduler, sampler, step: int, cfg: Config) -> None:
+    """Checkpoint with every rank's RNG state, written by the main process atomically."""
+    rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [rng_state()]
+    if accelerator.is_main_process:
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rngs,
+            "config": cfg.to_dict(),
+        }
+        folder = Path(cfg.train.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+        save_checkpoint(folder, policy, processor, state, cfg.checkpoint.keep_last)
+    accelerator.wait_for_everyone()
