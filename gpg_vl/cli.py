@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     module, _ = VERBS[args.verb]
     if module == __name__:
         return {"tasks": run_tasks, "make-tiny": run_make_tiny}[args.verb](args)
+    from gpg_vl.checkpoint import CheckpointError
     from gpg_vl.config import ConfigError
     from gpg_vl.data import DataError
     from gpg_vl.modeling import ModelLoadError
 
     try:
         return int(_module(module).run(args) or 0)
-    except (ConfigError, DataError, ModelLoadError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, DataError, ModelLoadError, FileNotFoundError) as e:
         print(f"gpg-vl {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -259,8 +259,8 @@ def train(cfg: Config) -> dict:
                         loss_metrics[key] = loss_metrics.get(key, 0.0) + value * len(rows) * weight / max(len(carries), 1)
 
                 # ==== 4. optimizer step ====
-                if cfg.optim.max_grad_norm > 0:
-                    grad_norm = float(accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")  # inf: measure only
+                grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
