@@ -16,6 +16,7 @@ def compute_token_logprobs(
     completion_ids: torch.Tensor,  # [N, L] right-padded
     response_mask: torch.Tensor,  # [N, L] 1.0 on completion tokens (through EOS)
     temperature: float = 1.0,
+    suppressed_ids: list[int] | None = None,
 ) -> torch.Tensor:
     """log pi(completion token | prefix) for every completion position, [N, L] (0 where masked out)."""
     device = prompt_inputs["input_ids"].device
@@ -32,6 +33,9 @@ def compute_token_logprobs(
         )
     logits = model(**inputs, use_cache=False, logits_to_keep=L + 1).logits  # [N, L+1, V]
     logits = logits[:, :-1].float()  # [N, L, V]: position P-1+t predicts completion token t
+    if suppressed_ids:
+        # the rollout engine bans these tokens, so the sampling policy renormalises without them
+        logits[..., suppressed_ids] = float("-inf")
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature  # score the distribution the rollout sampled from
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # [N, L]

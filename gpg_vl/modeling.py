@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer,
 
 from gpg_vl.images import message_images
 
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 BUILTIN_PREFIX = "builtin:"
 # builtin presets: name -> (arch, size preset, format warm-up on the shapes task?)
 BUILTINS = {
@@ -65,6 +66,15 @@ class VLProcessor:
     def eos_token_ids(self) -> list[int]:
         # Qwen instruct models end a turn with <|im_end|>; base models with <|endoftext|>. Both stop generation.
         ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        return sorted(i for i in ids if i is not None and i >= 0)
+
+    @property
+    def suppressed_token_ids(self) -> list[int]:
+        """Vision special tokens a policy must never emit (a sampled <|image_pad|> breaks the next forward).
+
+        Rollouts ban them and the training forward masks them too, so both score the same distribution.
+        """
+        ids = (self.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS)
         return sorted(i for i in ids if i is not None and i >= 0)
 
     def render(self, messages: list[dict]) -> str:

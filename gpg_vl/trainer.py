@@ -238,13 +238,13 @@ def train(cfg: Config) -> dict:
                     inputs = processor(prompts).to(accelerator.device)
                     sync = accelerator.no_sync(model) if k < len(chunks) - 1 else _null()
                     with sync, accelerator.autocast():
-                        logprobs = compute_token_logprobs(model, inputs, rollout.completion_ids[rows], mask[rows], cfg.rollout.temperature)  # [m, L]
+                        logprobs = compute_token_logprobs(model, inputs, rollout.completion_ids[rows], mask[rows], cfg.rollout.temperature, processor.suppressed_token_ids)  # [m, L]
                         if iteration == 0:
                             old_logprobs[k] = logprobs.detach()
                         ref = None
                         if ref_model is not None:
                             with torch.no_grad():
-                                ref = compute_token_logprobs(ref_model, inputs, rollout.completion_ids[rows], mask[rows], cfg.rollout.temperature)
+                                ref = compute_token_logprobs(ref_model, inputs, rollout.completion_ids[rows], mask[rows], cfg.rollout.temperature, processor.suppressed_token_ids)
                         loss, m = algorithms.compute_policy_loss(
                             algo.name, logprobs, advantages[rows].to(logprobs.device), mask[rows].to(logprobs.device),
                             alpha=alpha, old_logprobs=old_logprobs[k], ref_logprobs=ref,

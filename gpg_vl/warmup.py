@@ -57,7 +57,7 @@ def make_format_warm(
         batch = rng.sample(examples, batch_size)
         prompts = [resize_messages(task.messages(e), *PIXELS) for e in batch]
         enc = processor.tokenizer([t + eos for t in _targets(rng, batch_size)], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-        logprobs = compute_token_logprobs(model, processor(prompts), enc["input_ids"], enc["attention_mask"].float())
+        logprobs = compute_token_logprobs(model, processor(prompts), enc["input_ids"], enc["attention_mask"].float(), suppressed_ids=processor.suppressed_token_ids)
         loss = -logprobs.sum() / enc["attention_mask"].sum()
         optimizer.zero_grad()
         loss.backward()

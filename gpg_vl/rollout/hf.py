@@ -13,9 +13,6 @@ import torch
 from gpg_vl.images import resize_messages
 from gpg_vl.rollout.base import Rollout, SamplingParams
 
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-
-
 class HFEngine:
     """`RolloutEngine` over `model.generate`, `batch_size` sequences at a time."""
 
@@ -24,8 +21,7 @@ class HFEngine:
         self.processor = processor
         self.batch_size = max(1, batch_size)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        tok = processor.tokenizer
-        self.suppress_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in VISION_TOKENS) if i is not None and i >= 0]
+        self.suppress_ids = processor.suppressed_token_ids
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Nothing to do: this engine samples from the very module being trained."""

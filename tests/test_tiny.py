@@ -1,0 +1,109 @@
+"""The offline kit: the tiny model builds, saves, reloads, generates with an image and back-propagates,
+deterministically, for both architectures, with and without torchvision."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from gpg_vl.cli import main
+from gpg_vl.config import ModelConfig
+from gpg_vl.modeling import ModelLoadError, load_policy, resolve_model_path
+from gpg_vl.tiny import SPECIAL_TOKENS, make_tiny
+
+MESSAGES = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (90, 60), "red")}, {"type": "text", "text": "What colour?"}]}]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
+def test_tiny_builds_reloads_generates_and_backpropagates(arch, tmp_path):
+    folder = make_tiny(tmp_path / arch, arch=arch)
+    model = AutoModelForImageTextToText.from_pretrained(folder)  # an ordinary HF folder
+    assert model.config.model_type == arch
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert type(AutoProcessor.from_pretrained(folder)).__name__.endswith("Processor")
+    policy, processor = load_policy(ModelConfig(name_or_path=str(folder), min_pixels=3136, max_pixels=12544))
+    from gpg_vl.images import resize_messages
+
+    inputs = processor([resize_messages(MESSAGES, 3136, 12544)])
+    assert int((inputs["input_ids"] == processor.image_token_id).sum()) == inputs["image_grid_thw"].prod() // 4
+    out = policy.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=0)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    loss = policy(**inputs).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+
+
+def test_same_seed_same_model_other_seed_other_weights(tmp_path):
+    a = load_file(str(make_tiny(tmp_path / "a", seed=3) / "model.safetensors"))
+    b = load_file(str(make_tiny(tmp_path / "b", seed=3) / "model.safetensors"))
+    c = load_file(str(make_tiny(tmp_path / "c", seed=4) / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert (tmp_path / "a/tokenizer.json").read_text() == (tmp_path / "b/tokenizer.json").read_text()
+
+
+def test_tokenizer_has_qwen_specials_and_chat_template(tiny_model_dir):
+    _, processor = load_policy(ModelConfig(name_or_path=str(tiny_model_dir)))
+    tok = processor.tokenizer
+    for token in SPECIAL_TOKENS:
+        ids = tok.encode(token, add_special_tokens=False)
+        assert len(ids) == 1, token  # each special token is one id
+    text = processor.render(MESSAGES)
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What colour?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    cont = processor.render(MESSAGES + [{"role": "assistant", "content": "<think>"}])
+    assert cont.endswith("<|im_start|>assistant\n<think>")
+
+
+def test_make_tiny_cli_and_builtin_preset(tmp_path, capsys):
+    assert main(["make-tiny", str(tmp_path / "m"), "--arch", "qwen2_5_vl"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert "qwen2_5_vl" in capsys.readouterr().out
+    path = resolve_model_path("builtin:tiny")
+    assert resolve_model_path("builtin:tiny") == path  # built once, then cached
+    with pytest.raises(ModelLoadError, match="builtin:tiny-warm"):
+        resolve_model_path("builtin:huge")
+
+
+def test_bad_model_paths_fail_clearly(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_policy(ModelConfig(name_or_path=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_policy(ModelConfig(name_or_path=str(tmp_path / "empty")))
+
+
+# torchvision is hidden from transformers' availability check and from imports, as on a machine without it
+NO_TORCHVISION = """
+import importlib.util, sys
+_find = importlib.util.find_spec
+class _Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torchvision":
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, _Hide())
+importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] == "torchvision" else _find(name, package)
+from PIL import Image
+from gpg_vl.config import ModelConfig
+from gpg_vl.images import resize_messages
+from gpg_vl.modeling import load_policy
+from gpg_vl.tiny import make_tiny
+folder = make_tiny(sys.argv[1])
+model, processor = load_policy(ModelConfig(name_or_path=str(folder), min_pixels=3136, max_pixels=12544))
+assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil", type(processor.image_processor)
+msgs = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (64, 64))}, {"type": "text", "text": "hi"}]}]
+out = model.generate(**processor([resize_messages(msgs, 3136, 12544)]), max_new_tokens=3)
+assert "torchvision" not in sys.modules
+print("ok")
+"""
+
+
+def test_works_without_torchvision(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", NO_TORCHVISION, str(tmp_path / "m")], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
