@@ -1,0 +1,292 @@
+"""Few-shot fine-grained classification as Visual-RFT and the GPG paper run it (Flowers102, Pets37, FGVC-Aircraft,
+Cars196, 4-shot): the model names the class inside <answer> tags.
+
+Training rows are Visual-RFT's (`image`, `problem`, `solution` = "<answer>class name</answer>"); evaluation
+also reads an image folder with a label list and a class-name list (layout in `load`). Accuracy is a
+normalised exact match by default; `match="contains"` is the paper's looser rule. `synthetic[:N]` draws
+shape-and-colour classes offline.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from gpg_vl.data import DataError, read_records, synthetic_spec, to_pil
+from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
+from gpg_vl.task import RewardOutput, Task
+
+# dataset option -> (hub id of the 4-shot training set, question); questions as in Visual-RFT's
+# classification/Qwen2_VL_classification_infere.py, the think/answer instruction follows on a new line.
+DATASETS = {
+    "flowers": (
+        "laolao77/ViRFT_CLS_flower_4_shot",
+        "This is an image containing a plant. Please identify the species of the plant based on the image.",
+    ),
+    "pets": (
+        "laolao77/ViRFT_CLS_pets37_4shot",
+        "This is an image containing a pet. Please identify the species of the pet based on the image.",
+    ),
+    "aircraft": (
+        "laolao77/ViRFT_CLS_fgvc_aircraft_4_shot",
+        "This is an image containing an aircraft. Please identify the model of the aircraft based on the image.",
+    ),
+    "cars": (
+        "laolao77/ViRFT_CLS_car196_4shot",
+        "This is an image containing a car. Please identify the model of the car based on the image.",
+    ),
+}
+SYNTHETIC_QUESTION = (
+    "This is an image containing a shape. Please identify the colour and kind of the shape based on the image."
+)
+
+BASE_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then provides the user "
+    "with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
+)
+
+_ANY_TAG = re.compile(r"</?(?:think|answer)>")
+_SPACES_UNDERSCORES = re.compile(r"[\s_]+")
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    description = "Few-shot fine-grained classification (Visual-RFT 4-shot Flowers102, Pets37, FGVC-Aircraft, Cars196)."
+    default_train_data = DATASETS["flowers"][0]
+    default_eval_data = None  # no hub test split: Visual-RFT evaluates on each dataset's full test set
+
+    def __init__(
+        self,
+        dataset: str = "flowers",
+        match: str = "exact",
+        prompt_style: str = "instruct",
+        use_row_problem: bool = False,
+        synthetic_image_size: int = 112,
+        **options: Any,
+    ) -> None:
+        """dataset: flowers | pets | aircraft | cars (training hub id and question). match: exact | contains.
+        prompt_style: instruct | base. use_row_problem: show a row's own `problem` text verbatim, as
+        Visual-RFT's training script does, instead of the dataset question + instruction.
+        synthetic_image_size: side in pixels of the offline twin's images."""
+        super().__init__(**options)
+        if dataset not in DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
+        if match not in ("exact", "contains"):
+            raise ValueError(f"match must be 'exact' or 'contains', got {match!r}")
+        if prompt_style not in ("instruct", "base"):
+            raise ValueError(f"prompt_style must be 'instruct' or 'base', got {prompt_style!r}")
+        self.dataset, self.match, self.prompt_style = dataset, match, prompt_style
+        self.use_row_problem = bool(use_row_problem)
+        self.synthetic_image_size = int(synthetic_image_size)
+        self.default_train_data, self.question = DATASETS[dataset]
+
+    # ---- data ------------------------------------------------------------------------------------
+    def load(self, path: str | None = None, split: str = "train") -> list[dict]:
+        """Examples from a hub id, a local parquet/JSONL/JSON file or folder of Visual-RFT rows, an image
+        folder, or `synthetic[:N]`.
+
+        Image-folder layout (evaluation; a folder holding `classnames.txt` is read this way):
+            DIR/classnames.txt  one class name a line; line k (from 0) names label k
+            DIR/labels.txt      one image a line: `<image path relative to DIR> <label k>`
+            or DIR/labels.pth   Visual-RFT's val_data/<dataset>.pth (a list of {path: {"label": k}});
+                                only the file name of each path is used, looked up in DIR/images/
+        Visual-RFT's val_data/<dataset>.txt is exactly such a classnames.txt.
+        """
+        # "train[:15000]" is a slice of the train split, so it defaults to the training data too
+        is_train = split.partition("[")[0] == "train"
+        path = path or (self.default_train_data if is_train else self.default_eval_data)
+        if path is None:
+            raise DataError(
+                f"classification has no default {split!r} data: Visual-RFT evaluates on each dataset's full test "
+                "set, which is not on the hub. Pass an image folder (see ClassificationTask.load) or 'synthetic'."
+            )
+        spec = synthetic_spec(path, split)
+        if spec is not None:
+            return make_synthetic_examples(*spec, image_size=self.synthetic_image_size, split=split)
+        local = Path(path).expanduser()
+        if local.is_dir() and (local / "classnames.txt").is_file():
+            return self._read_image_folder(local)
+        base_dir = (local if local.is_dir() else local.parent) if local.exists() else None
+        examples = []
+        for i, row in enumerate(read_records(path, split)):
+            where = f"{path} (split {split!r}) row {i}"
+            if not isinstance(row, dict) or row.get("image") is None or not isinstance(row.get("solution"), str):
+                raise DataError(f"{where}: needs 'image' and a 'solution' string (Visual-RFT schema)")
+            label = extract_answer(row["solution"])
+            label = (label if label is not None else row["solution"]).strip()
+            if not label:
+                raise DataError(f"{where}: empty class name in 'solution' {row['solution']!r}")
+            image = row["image"]
+            if isinstance(image, str):
+                image = _resolve(image, base_dir, where)
+            problem = row.get("problem")
+            examples.append(
+                {"id": f"{split}-{i}", "image": image, "label": label, "question": self.question,
+                 "problem": problem if isinstance(problem, str) else None, "dataset": self.dataset}
+            )
+        if not examples:
+            raise DataError(f"{path} (split {split!r}): no rows")
+        return examples
+
+    def _read_image_folder(self, folder: Path) -> list[dict]:
+        names_file = folder / "classnames.txt"
+        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        if (folder / "labels.txt").is_file():
+            items = _read_label_txt(folder / "labels.txt", folder, len(names))
+        elif (folder / "labels.pth").is_file():
+            items = _read_label_pth(folder / "labels.pth", folder / "images", len(names))
+        else:
+            raise DataError(f"{folder}: has classnames.txt but no labels.txt or labels.pth")
+        return [
+            {"id": os.path.relpath(image, folder), "image": image, "label": names[k], "question": self.question,
+             "problem": None, "dataset": self.dataset}
+            for image, k in items
+        ]
+
+    # ---- prompt ----------------------------------------------------------------------------------
+    def messages(self, example: dict) -> list[dict]:
+        """Instruct: image, question, think/answer instruction. Base: R1 system turn, user turn, "<think>"."""
+        image = {"type": "image", "image": to_pil(example["image"], where=f"example {example.get('id')}")}
+        problem = example.get("problem") if self.use_row_problem else None
+        if problem:
+            text = problem.strip()
+        elif self.prompt_style == "instruct":
+            text = f"{example['question']}\n{THINK_ANSWER_INSTRUCTION}"
+        else:
+            text = example["question"]
+        if self.prompt_style == "instruct":
+            return [{"role": "user", "content": [image, {"type": "text", "text": text}]}]
+        return [
+            {"role": "system", "content": BASE_SYSTEM_PROMPT},
+            {"role": "user", "content": [image, {"type": "text", "text": text}]},
+            {"role": "assistant", "content": "<think>"},
+        ]
+
+    # ---- reward and metrics ------------------------------------------------------------------------
+    def score(self, completion: str, example: dict) -> RewardOutput:
+        text = completion if isinstance(completion, str) else ""
+        if self.prompt_style == "base" and not text.lstrip().startswith("<think>"):
+            text = "<think>" + text  # the prompt already emitted the opening tag
+        fmt = float(format_ok(text))
+        acc = float(class_matches(extract_answer(text), example["label"], self.match))
+        return RewardOutput(fmt + acc, {"format": fmt, "accuracy": acc})
+
+    def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
+        """`accuracy` under this task's `match` rule, and `format` (share of well-formed completions)."""
+        if len(examples) != len(completions):
+            raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+        scores = [self.score(c, e).components for e, c in zip(examples, completions)]
+        n = max(len(scores), 1)
+        return {
+            "accuracy": sum(s["accuracy"] for s in scores) / n,
+            "format": sum(s["format"] for s in scores) / n,
+        }
+
+    def record_fields(self, example: dict) -> dict[str, Any]:
+        return {k: example[k] for k in ("id", "label", "dataset") if k in example}
+
+
+def normalise_class(text: str) -> str:
+    """Visual-RFT's normalisation: lower case, spaces and underscores removed."""
+    return _SPACES_UNDERSCORES.sub("", text.lower())
+
+
+def class_matches(answer: str | None, label: str, match: str = "exact") -> bool:
+    """Whether an <answer> text names `label`. A missing answer, or one holding tags, never matches.
+
+    exact: equal after `normalise_class`. contains: either string inside the other after normalisation,
+    Visual-RFT's rule. Its flaws: an empty answer is inside every label and scores 1, and a label inside a
+    longer one matches it (Flowers102's `rose` is inside `pink primrose`, so either answer passes for both).
+    """
+    if answer is None or _ANY_TAG.search(answer):
+        return False
+    a, b = normalise_class(answer), normalise_class(label)
+    return a == b if match == "exact" else (a in b or b in a)
+
+
+# ---- offline twin --------------------------------------------------------------------------------
+SYNTHETIC_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (225, 190, 20)}
+SYNTHETIC_SHAPES = ("circle", "square", "triangle")
+SYNTHETIC_CLASSES = [f"{c} {s}" for c in SYNTHETIC_COLOURS for s in SYNTHETIC_SHAPES]
+
+
+def make_synthetic_examples(size: int, seed: int, image_size: int = 112, split: str = "synthetic") -> list[dict]:
+    """`size` images of one drawn object each; the class is "<colour> <shape>" (12 classes), balanced."""
+    examples = []
+    for i in range(size):
+        rng = random.Random(f"classification-synthetic:{seed}:{i}")
+        label = SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)]
+        examples.append(
+            {"id": f"synthetic-{split}-{i}", "image": _draw(rng, label, image_size), "label": label,
+             "question": SYNTHETIC_QUESTION, "problem": None, "dataset": "synthetic"}
+        )
+    return examples
+
+
+def _draw(rng: random.Random, label: str, size: int) -> Image.Image:
+    colour, shape = label.split()
+    shade = rng.randint(225, 250)  # background varies so images differ beyond position and size
+    image = Image.new("RGB", (size, size), (shade, shade, shade))
+    r = rng.uniform(0.2, 0.32) * size
+    cx, cy = (rng.uniform(r + 2, size - r - 2) for _ in range(2))
+    draw, fill = ImageDraw.Draw(image), SYNTHETIC_COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        h = r * 3**0.5 / 2
+        draw.polygon([(cx, cy - r), (cx - h, cy + r / 2), (cx + h, cy + r / 2)], fill=fill)
+    return image
+
+
+# ---- label lists ---------------------------------------------------------------------------------
+def _read_label_txt(file: Path, folder: Path, n_classes: int) -> list[tuple[str, int]]:
+    items = []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)  # image paths may contain spaces; the label is the last field
+        where = f"{file}:{n}"
+        if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) >= n_classes:
+            raise DataError(f"{where}: expected '<image path> <label 0..{n_classes - 1}>', got {line!r}")
+        items.append((_resolve(parts[0], folder, where), int(parts[1])))
+    return items
+
+
+def _read_label_pth(file: Path, image_dir: Path, n_classes: int) -> list[tuple[str, int]]:
+    import torch  # only this layout needs it; weights_only keeps a pickle from running code
+
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{file}: unreadable label list ({type(e).__name__}: {e})") from None
+    items = []
+    for n, entry in enumerate(data if isinstance(data, list) else []):
+        for path, info in (entry.items() if isinstance(entry, dict) else []):
+            where = f"{file} item {n}"
+            label = int(info["label"]) if isinstance(info, dict) and "label" in info else -1
+            if not 0 <= label < n_classes:
+                raise DataError(f"{where}: label {label} outside 0..{n_classes - 1}")
+            items.append((_resolve(Path(str(path)).name, image_dir, where), label))
+    if not items:
+        raise DataError(f"{file}: expected a list of {{image path: {{'label': k}}}} entries")
+    return items
+
+
+def _resolve(path: str, base_dir: Path | None, where: str) -> str:
+    """An image path made absolute against the data file's folder; fails at load, not mid-training."""
+    file = Path(path).expanduser()
+    if not file.is_absolute() and base_dir is not None:
+        file = base_dir / file
+    if not file.is_file():
+        raise DataError(f"{where}: image file not found: {file}")
+    return str(file)

@@ -1,0 +1,272 @@
+"""Spatial multiple choice as in the GPG paper: train on SAT (`array/SAT`), evaluate on CV-Bench.
+
+Rows of both datasets become one example form whose answer is a letter like "(B)". The reward is format
+(<think> then <answer>) plus accuracy (the answer names the right letter or the right choice text). Metrics
+give accuracy per CV-Bench task, `Total` micro-averaged over all items (the paper's protocol) and lmms-eval's
+per-source average as `lmms_eval_overall`. `synthetic[:N]` draws an offline twin (`cvbench_synthetic.py`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpg_vl.data import DataError, read_records, synthetic_spec, to_pil
+from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
+from gpg_vl.task import RewardOutput, Task
+from gpg_vl_tasks.cvbench_synthetic import LETTERS, make_rows, render_prompt
+
+CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
+
+# R1's system prompt, adapted to an image question; the final "<think>" assistant turn is continued.
+BASE_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
+    "solves it. The assistant first thinks about the reasoning process in the mind and then provides the user "
+    "with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
+    "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
+)
+
+_ANY_TAG = re.compile(r"</?(?:think|answer)>")
+_PAREN_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)")
+_BARE_LETTER = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
+# "A chair" is the article, "A or B" / "A is right" name the letter.
+_ARTICLE_AFTER = re.compile(r"\s+(?!(?:or|and|is|nor|vs)\b)[a-z]")
+
+
+class CVBenchTask(Task):
+    name = "cvbench"
+    description = "Spatial multiple choice: train on SAT, evaluate on CV-Bench (Count, Relation, Depth, Distance)."
+    default_train_data = "array/SAT"
+    default_eval_data = "nyu-visionx/CV-Bench"
+    default_eval_split = "test"
+
+    def __init__(
+        self,
+        prompt_style: str = "instruct",
+        multi_image: bool = False,
+        shuffle_seed: int = 0,
+        synthetic_image_size: int = 112,
+        **options: Any,
+    ) -> None:
+        """prompt_style: instruct | base. multi_image: keep SAT rows with two images (dropped by default, as
+        VisualThinker-R1-Zero does). shuffle_seed: seed of the SAT choice order. synthetic_image_size: side
+        in pixels of the offline twin's images."""
+        super().__init__(**options)
+        if prompt_style not in ("instruct", "base"):
+            raise ValueError(f"prompt_style must be 'instruct' or 'base', got {prompt_style!r}")
+        self.prompt_style = prompt_style
+        self.multi_image = bool(multi_image)
+        self.shuffle_seed = int(shuffle_seed)
+        self.synthetic_image_size = int(synthetic_image_size)
+
+    # ---- data ------------------------------------------------------------------------------------
+    def load(self, path: str | None = None, split: str = "train") -> list[dict]:
+        """SAT or CV-Bench rows (hub id, local parquet/JSONL/folder) or `synthetic[:N]`, as examples."""
+        # "train[:15000]" is a slice of the train split, so it defaults to the training data too
+        is_train = split.partition("[")[0] == "train"
+        path = path or (self.default_train_data if is_train else self.default_eval_data)
+        spec = synthetic_spec(path, split)
+        if spec is not None:
+            size, seed = spec
+            rows = make_rows(size, seed, self.synthetic_image_size)
+            where = f"synthetic split {split!r} row"
+            return [self._from_cvbench(row, i, f"{where} {i}", None) for i, row in enumerate(rows)]
+        local = Path(path).expanduser()
+        base_dir = (local if local.is_dir() else local.parent) if local.exists() else None
+        examples = []
+        for i, row in enumerate(read_records(path, split)):
+            where = f"{path} (split {split!r}) row {i}"
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a record, got {type(row).__name__}")
+            if "image_bytes" in row:
+                example = self._from_sat(row, i, split, where)
+            elif "choices" in row:
+                example = self._from_cvbench(row, i, where, base_dir)
+            else:
+                raise DataError(
+                    f"{where}: neither SAT (image_bytes, ...) nor CV-Bench (choices, ...) schema; keys: {sorted(row)}"
+                )
+            if example is not None:
+                examples.append(example)
+        if not examples:
+            raise DataError(f"{path} (split {split!r}): no usable rows (multi-image rows need multi_image=True)")
+        return examples
+
+    def _from_sat(self, row: dict, index: int, split: str, where: str) -> dict | None:
+        images = _as_list(row.get("image_bytes"))
+        if not images:
+            raise DataError(f"{where}: 'image_bytes' must be a non-empty list of images")
+        if len(images) > 1 and not self.multi_image:
+            return None
+        choices = [str(a) for a in _as_list(row.get("answers"))]
+        correct = row.get("correct_answer")
+        if not choices or len(choices) > len(LETTERS) or correct is None or str(correct) not in choices:
+            raise DataError(f"{where}: 'correct_answer' {correct!r} must be one of 1-8 'answers' {choices!r}")
+        # SAT lists the right answer at a fixed position; a seeded shuffle per row removes that shortcut.
+        random.Random(f"{self.shuffle_seed}:{index}").shuffle(choices)
+        question = _text(row, "question", where)
+        return {
+            "id": f"sat-{split}-{index}",
+            "images": images,
+            "question": question,
+            "choices": choices,
+            "answer": f"({LETTERS[choices.index(str(correct))]})",
+            "prompt": render_prompt(question, choices),
+            "task": str(row.get("question_type") or ""),
+            "type": "",
+            "source": "SAT",
+        }
+
+    def _from_cvbench(self, row: dict, index: int, where: str, base_dir: Path | None) -> dict:
+        choices = [str(c) for c in _as_list(row.get("choices"))]
+        answer = str(row.get("answer", "")).strip()
+        match = re.fullmatch(r"\(?([A-Z])\)?", answer)
+        if not choices or not match or LETTERS.find(match.group(1)) not in range(len(choices)):
+            raise DataError(f"{where}: 'answer' {answer!r} must be a letter like '(A)' naming one of {choices!r}")
+        image = row.get("image")
+        if image is None and row.get("filename"):
+            image = row["filename"]  # CV-Bench's test.jsonl names the file under img/ instead
+        if image is None:
+            raise DataError(f"{where}: no 'image' (or 'filename') field")
+        if isinstance(image, str):
+            image = _resolve(image, base_dir, where)
+        question = _text(row, "question", where)
+        return {
+            "id": str(row["idx"] if row.get("idx") is not None else index),
+            "images": [image],
+            "question": question,
+            "choices": choices,
+            "answer": f"({match.group(1)})",
+            "prompt": str(row.get("prompt") or render_prompt(question, choices)),
+            "task": str(row.get("task") or ""),
+            "type": str(row.get("type") or ""),
+            "source": str(row.get("source") or ""),
+        }
+
+    # ---- prompt ----------------------------------------------------------------------------------
+    def messages(self, example: dict) -> list[dict]:
+        """Instruct: image(s), prompt, think/answer instruction. Base: R1 system turn, user turn, "<think>"."""
+        where = f"example {example.get('id')}"
+        images = [{"type": "image", "image": to_pil(value, where=where)} for value in example["images"]]
+        if self.prompt_style == "instruct":
+            text = f"{example['prompt']}\n{THINK_ANSWER_INSTRUCTION}"
+            return [{"role": "user", "content": [*images, {"type": "text", "text": text}]}]
+        return [
+            {"role": "system", "content": BASE_SYSTEM_PROMPT},
+            {"role": "user", "content": [*images, {"type": "text", "text": example["prompt"]}]},
+            {"role": "assistant", "content": "<think>"},
+        ]
+
+    # ---- reward and metrics ------------------------------------------------------------------------
+    def score(self, completion: str, example: dict) -> RewardOutput:
+        text = self._as_generated(completion)
+        fmt = float(format_ok(text))
+        acc = float(chosen_index(extract_answer(text), example["choices"]) == LETTERS.index(example["answer"][1]))
+        return RewardOutput(fmt + acc, {"format": fmt, "accuracy": acc})
+
+    def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
+        """Per-task accuracy (only tasks present), `Total` (micro-average), `lmms_eval_overall`, `format`."""
+        if len(examples) != len(completions):
+            raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+        scores = [self.score(c, e).components for e, c in zip(examples, completions)]
+        correct = [s["accuracy"] for s in scores]
+        by_task = defaultdict(list)
+        for example, ok in zip(examples, correct):
+            by_task[example["task"]].append(ok)
+        out = {task: _mean(by_task[task]) for task in CVBENCH_TASKS if by_task[task]}
+        out["Total"] = _mean(correct)
+        overall = lmms_eval_overall(examples, correct)
+        if overall is not None:
+            out["lmms_eval_overall"] = overall
+        out["format"] = _mean([s["format"] for s in scores])
+        return out
+
+    def record_fields(self, example: dict) -> dict[str, Any]:
+        keys = ("id", "task", "type", "source", "question", "choices", "answer")
+        return {k: example[k] for k in keys if k in example}
+
+    def _as_generated(self, completion: Any) -> str:
+        """The completion as the format check must see it: base prompts already emitted the opening <think>."""
+        text = completion if isinstance(completion, str) else ""
+        if self.prompt_style == "base" and not text.lstrip().startswith("<think>"):
+            return "<think>" + text
+        return text
+
+
+def chosen_index(answer: str | None, choices: Sequence[str]) -> int | None:
+    """The choice an <answer> text picks, or None when it picks none or several.
+
+    In order: the whole answer equals a choice text ("left", "3"); else the letters it names ("(B)", "B",
+    "B." or "(b)") must be exactly one, and a valid one; else exactly one choice text must appear in it as a
+    whole word. A bare "A" before a lowercase word other than or/and/is/nor/vs is the article, so "A chair"
+    names no letter while "A or B" names two. An answer holding think/answer tags (nested tags) picks nothing.
+    """
+    if answer is None or _ANY_TAG.search(answer):
+        return None
+    norm = _normalise(answer)
+    texts = [_normalise(c) for c in choices]
+    if norm in texts:
+        return texts.index(norm)
+    letters = {m.group(1).upper() for m in _PAREN_LETTER.finditer(answer)}
+    for m in _BARE_LETTER.finditer(answer):
+        letter = m.group(1)
+        if letter in LETTERS and not (letter == "A" and _ARTICLE_AFTER.match(answer, m.end())):
+            letters.add(letter)
+    if len(norm) == 1 and norm.isalpha():
+        letters.add(norm.upper())
+    if letters:
+        index = LETTERS.find(letters.pop()) if len(letters) == 1 else -1
+        return index if index in range(len(choices)) else None
+    named = [i for i, t in enumerate(texts) if t and re.search(rf"(?<!\w){re.escape(t)}(?!\w)", norm)]
+    return named[0] if len(named) == 1 else None
+
+
+def lmms_eval_overall(examples: Sequence[dict], correct: Sequence[float]) -> float | None:
+    """lmms-eval's CV-Bench score: the mean of the 2D and 3D accuracies, where each is the mean of its sources'
+    accuracies. On CV-Bench that is ((ADE20K + COCO) / 2 + Omni3D) / 2, the formula in lmms-eval's
+    `tasks/cv_bench/utils.py` (`cv_bench_default_aggregate_results`). None when no item has type 2D or 3D.
+    """
+    per_source = defaultdict(list)
+    for example, ok in zip(examples, correct):
+        if example.get("type") in ("2D", "3D"):
+            per_source[(example["type"], example.get("source", ""))].append(ok)
+    per_type = defaultdict(list)
+    for (kind, _), values in per_source.items():
+        per_type[kind].append(_mean(values))
+    return _mean([_mean(v) for v in per_type.values()]) if per_type else None
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .")
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(sum(values) / len(values)) if values else 0.0
+
+
+def _as_list(value: Any) -> list:
+    """Lists as datasets, pandas (numpy arrays) and JSON give them; anything else is empty."""
+    if hasattr(value, "tolist") and not isinstance(value, (bytes, str)):
+        value = value.tolist()
+    return list(value) if isinstance(value, (list, tuple)) else []
+
+
+def _text(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: '{key}' must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _resolve(path: str, base_dir: Path | None, where: str) -> str:
+    """An image path made absolute against the data file's folder; fails at load, not mid-training."""
+    file = Path(path).expanduser()
+    if not file.is_absolute() and base_dir is not None:
+        file = base_dir / file
+    if not file.is_file():
+        raise DataError(f"{where}: image file not found: {file}")
+    return str(file)
