@@ -19,6 +19,9 @@ def atomic_dir(target: str | Path):
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the final folder gets ordinary permissions
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -80,13 +83,13 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def save_checkpoint(folder: str | Path, model, processor, state: dict, keep_last: int) -> Path:
+def save_checkpoint(folder: str | Path, model, processor, state: dict, keep_last: int, state_dict=None) -> Path:
     """Write `folder` atomically: HF model + processor files + trainer_state.pt; prune to the newest K."""
     import torch
 
     folder = Path(folder)
     with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
     if keep_last > 0:

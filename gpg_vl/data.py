@@ -44,7 +44,7 @@ def _read_local(path: Path, split: str) -> list[dict]:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 ds = _pick_split(ds, split, str(path))
-            return list(ds)
+            return list(_undecoded(ds))
         files = sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_SUFFIXES and split in p.name)
         files = files or sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_SUFFIXES)
         if not files:
@@ -70,7 +70,17 @@ def _read_local(path: Path, split: str) -> list[dict]:
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use parquet, jsonl, json or csv)")
     import datasets
 
-    return list(datasets.load_dataset(_LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train"))
+    return list(_undecoded(datasets.load_dataset(_LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")))
+
+
+def _undecoded(ds):
+    """Keep image columns as {"bytes", "path"} so rows are cheap; `to_pil` decodes one when a prompt needs it."""
+    import datasets
+
+    for name, feature in ds.features.items():
+        if isinstance(feature, datasets.Image):
+            ds = ds.cast_column(name, datasets.Image(decode=False))
+    return ds
 
 
 def _pick_split(ds, split: str, where: str):
@@ -83,7 +93,7 @@ def _read_hub(repo_id: str, split: str) -> list[dict]:
     import datasets
 
     try:
-        return list(datasets.load_dataset(repo_id, split=split))
+        return list(_undecoded(datasets.load_dataset(repo_id, split=split)))
     except Exception as e:  # offline machines raise several different errors here
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
         raise DataError(

@@ -297,7 +297,7 @@ def train(cfg: Config) -> dict:
             metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg).items()})
         logger.log(step, metrics)
         if step == cfg.train.max_steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
-            save(accelerator, policy, processor, optimizer, scheduler, sampler, step, cfg)
+            save(accelerator, model, processor, optimizer, scheduler, sampler, step, cfg)
 
     logger.close()
     if accelerator.is_main_process and step_times:
@@ -343,9 +343,11 @@ def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: in
     logger.samples(step, rows, images)
 
 
-def save(accelerator, policy, processor, optimizer, scheduler, sampler, step: int, cfg: Config) -> None:
+def save(accelerator, model, processor, optimizer, scheduler, sampler, step: int, cfg: Config) -> None:
     """Checkpoint with every rank's RNG state, written by the main process atomically."""
     rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [rng_state()]
+    # a collective under ZeRO-3 (parameters are sharded), a plain state dict otherwise
+    weights = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         state = {
             "step": step,
@@ -356,5 +358,5 @@ def save(accelerator, policy, processor, optimizer, scheduler, sampler, step: in
             "config": cfg.to_dict(),
         }
         folder = Path(cfg.train.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-        save_checkpoint(folder, policy, processor, state, cfg.checkpoint.keep_last)
+        save_checkpoint(folder, accelerator.unwrap_model(model), processor, state, cfg.checkpoint.keep_last, weights)
     accelerator.wait_for_everyone()

@@ -65,3 +65,14 @@ def test_every_field_has_a_docstring():
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+
+
+LAUNCHERS = sorted((Path(__file__).parent.parent / "configs").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_launcher_configs_parse_and_say_how_to_run_them(path):
+    import yaml
+
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+    assert path.read_text().startswith("# accelerate launch --config_file configs/")

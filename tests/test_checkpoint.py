@@ -1,0 +1,39 @@
+"""Atomic writes and checkpoint bookkeeping: a crash mid-save never damages the last good checkpoint."""
+
+import pytest
+
+from gpg_vl.checkpoint import CheckpointError, atomic_dir, atomic_write_text, list_checkpoints, resolve_resume
+
+
+def test_crash_mid_save_leaves_previous_folder_intact(tmp_path):
+    target = tmp_path / "checkpoint-2"
+    with atomic_dir(target) as tmp:
+        (tmp / "model.safetensors").write_text("good")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "model.safetensors").write_text("half-wri")
+            raise RuntimeError("disk full")
+    assert (target / "model.safetensors").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]  # no temporary left behind
+
+
+def test_replacing_a_folder_swaps_it_whole(tmp_path):
+    target = tmp_path / "out"
+    for content in ("one", "two"):
+        with atomic_dir(target) as tmp:
+            (tmp / "f").write_text(content)
+    assert (target / "f").read_text() == "two" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_write_text(tmp_path):
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}"
+
+
+def test_latest_ignores_temporaries_and_orders_numerically(tmp_path):
+    for name in ("checkpoint-9", "checkpoint-10", ".tmp-checkpoint-11-x", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10"]
+    assert resolve_resume("latest", tmp_path).name == "checkpoint-10"
+    with pytest.raises(CheckpointError, match="not found"):
+        resolve_resume(str(tmp_path / "checkpoint-99"), tmp_path)
