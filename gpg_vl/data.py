@@ -92,7 +92,11 @@ def _pick_split(ds, split: str, where: str):
 def _read_hub(repo_id: str, split: str) -> list[dict]:
     import datasets
 
+    from gpg_vl import hub
+
     try:
+        if not hub.reachable(repo_id, "dataset") and not hub.is_cached(repo_id, "dataset"):
+            raise ConnectionError("the hub cannot be reached and the dataset is not in the local cache")
         return list(_undecoded(datasets.load_dataset(repo_id, split=split)))
     except Exception as e:  # offline machines raise several different errors here
         offline = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")
@@ -100,7 +104,8 @@ def _read_hub(repo_id: str, split: str) -> list[dict]:
             f"could not load dataset {repo_id!r} (split {split!r}) from the hub{' (offline mode)' if offline else ''}: "
             f"{type(e).__name__}: {str(e)[:300]}\n"
             "Download it where a hub is reachable (e.g. `huggingface-cli download --repo-type dataset "
-            f"{repo_id} --local-dir DIR`) and pass the local file or folder instead."
+            f"{repo_id} --local-dir DIR`) and pass the local file or folder instead "
+            "(task.train_data=DIR / task.eval_data=DIR, or --data DIR for eval)."
         ) from None
 
 

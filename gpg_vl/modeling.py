@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, BatchFeature
 
+from gpg_vl import hub
 from gpg_vl.images import message_images
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -123,11 +124,13 @@ def save_processor(path: str | Path, tokenizer, image_processor) -> None:
     image_processor.save_pretrained(path)
 
 
-def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None) -> VLProcessor:
+def load_processor(
+    path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None, local_files_only: bool = False
+) -> VLProcessor:
     """Tokenizer + image processor of a model folder or hub id, with the pixel budget set."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     tokenizer.padding_side = "left"
-    image_processor = image_processor_class().from_pretrained(path)
+    image_processor = image_processor_class().from_pretrained(path, local_files_only=local_files_only)
     if min_pixels is not None and max_pixels is not None:
         image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
@@ -162,6 +165,25 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(folder)
 
 
+def _advice(path: str) -> str:
+    return (
+        "If this machine has no hub access, download the weights elsewhere "
+        f"(`huggingface-cli download {path} --local-dir DIR`) and set model.name_or_path=DIR."
+    )
+
+
+def check_model_source(path: str) -> bool:
+    """Fail in a second when a hub model can be neither reached nor found in the cache.
+
+    Returns True when loading must use the local cache only (hub unreachable, repo cached).
+    """
+    if not hub.is_hub_id(path) or hub.reachable(path):
+        return False
+    if not hub.is_cached(path):
+        raise ModelLoadError(f"model {path!r} is not a local folder, the hub cannot be reached, and it is not cached.\n{_advice(path)}")
+    return True
+
+
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 on CUDA and float32 on the CPU."""
     if name == "auto":
@@ -182,16 +204,20 @@ def load_policy(model_cfg, device: torch.device | str = "cpu"):
     if local.is_dir() and not (local / "config.json").exists():
         raise ModelLoadError(f"{path} is not a model folder: it has no config.json")
     try:
-        AutoConfig.from_pretrained(path)  # fails fast, before any weight download
+        local_only = check_model_source(path)
+        AutoConfig.from_pretrained(path, local_files_only=local_only)  # fails fast, before any weight download
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=torch_dtype(model_cfg.dtype, device), attn_implementation=model_cfg.attn_implementation
+            path,
+            dtype=torch_dtype(model_cfg.dtype, device),
+            attn_implementation=model_cfg.attn_implementation,
+            local_files_only=local_only,
         )
-        processor = load_processor(path, model_cfg.min_pixels, model_cfg.max_pixels)
-    except (OSError, ValueError) as e:
+        processor = load_processor(path, model_cfg.min_pixels, model_cfg.max_pixels, local_files_only=local_only)
+    except ModelLoadError:
+        raise
+    except Exception as e:
         raise ModelLoadError(
-            f"could not load model {path!r}: {str(e).splitlines()[0][:300]}\n"
-            "If this machine has no hub access, download the weights elsewhere "
-            f"(`huggingface-cli download {path} --local-dir DIR`) and set model.name_or_path=DIR."
+            f"could not load model {path!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}\n{_advice(path)}"
         ) from None
     model.to(device)
     if model_cfg.freeze_vision:

@@ -30,7 +30,7 @@ from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.images import message_images, resize_messages
 from gpg_vl.logger import RunLogger
 from gpg_vl.logprobs import compute_token_logprobs
-from gpg_vl.modeling import load_policy
+from gpg_vl.modeling import check_model_source, load_policy, resolve_model_path
 from gpg_vl.registry import get_task
 from gpg_vl.rollout import SamplingParams, make_engine
 
@@ -131,7 +131,8 @@ def train(cfg: Config) -> dict:
     out_dir = Path(cfg.train.output_dir)
     algo, G = cfg.algorithm, cfg.rollout.group_size
 
-    # Task and data
+    # Task and data (a hub model that cannot be loaded fails here, before any data is read)
+    check_model_source(resolve_model_path(cfg.model.name_or_path))
     task = get_task(cfg.task.name, **cfg.task.options)
     task.configure_images(cfg.model.min_pixels, cfg.model.max_pixels)
     train_examples = task.load(cfg.task.train_data, cfg.task.train_split)
