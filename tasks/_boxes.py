@@ -1,0 +1,110 @@
+"""Boxes for the grounding tasks: parsing, clipping, IoU/GIoU, Qwen2-VL's resize rule and the metrics.
+
+A box is a tuple (x1, y1, x2, y2) of floats. Parsers return the numbers as written (possibly inverted or
+outside the image); `clip_box` turns them into a usable box or None, so a bad box scores 0 instead of
+dividing by a zero or negative area.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+Box = tuple[float, float, float, float]
+
+_NUM = r"(-?\d+(?:\.\d+)?)"
+# Visual-RFT's LISA answer "(x1,y1),(x2,y2)"; Visual-RFT's own regex takes integers only, this one also
+# takes decimals and a minus sign so that such answers reach clip_box rather than failing to parse.
+_POINT_PAIR = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,\s*\(\s*{_NUM}\s*,\s*{_NUM}\s*\)")
+# VLM-R1's RefCOCO answer "[x1, y1, x2, y2]", bare or inside JSON such as {"bbox_2d": [...]}.
+_LIST = re.compile(rf"\[\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\]")
+
+QWEN2VL_FACTOR = 28  # ViT patch 14 x 2x2 token merge: resized sides are multiples of 28 pixels
+
+
+def parse_point_pair_box(text: str) -> Box | None:
+    """The first `(x1,y1),(x2,y2)` in `text`, as written; None when there is none."""
+    match = _POINT_PAIR.search(text)
+    return _finite(match.groups()) if match else None
+
+
+def parse_list_box(text: str) -> Box | None:
+    """The first `[x1, y1, x2, y2]` in `text`, as written; None when there is none."""
+    match = _LIST.search(text)
+    return _finite(match.groups()) if match else None
+
+
+def _finite(numbers: Sequence[str]) -> Box | None:
+    values = tuple(float(n) for n in numbers)  # float("9" * 400) is inf, never an exception
+    return values if all(math.isfinite(v) for v in values) else None  # type: ignore[return-value]
+
+
+def clip_box(box: Box, width: float, height: float) -> Box | None:
+    """The part of `box` inside [0, width] x [0, height]; None when inverted (x2 <= x1) or empty after clipping.
+
+    An inverted box is a wrong answer, not a box to reorder: the model was asked for top-left then bottom-right.
+    """
+    x1, y1, x2, y2 = box
+    if x2 <= x1 or y2 <= y1:
+        return None
+    x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2)
+    return (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None
+
+
+def _area(box: Box) -> float:
+    return (box[2] - box[0]) * (box[3] - box[1])
+
+
+def _intersection_union(a: Box, b: Box) -> tuple[float, float]:
+    inter_w = min(a[2], b[2]) - max(a[0], b[0])
+    inter_h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, inter_w) * max(0.0, inter_h)
+    return inter, _area(a) + _area(b) - inter
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two valid boxes, in [0, 1] (continuous coordinates, no +1 pixel)."""
+    inter, union = _intersection_union(a, b)
+    return inter / union if union > 0 else 0.0
+
+
+def box_giou(a: Box, b: Box) -> float:
+    """Generalised IoU (Rezatofighi et al. 2019): IoU minus the empty share of the enclosing box; in [-1, 1]."""
+    inter, union = _intersection_union(a, b)
+    iou = inter / union if union > 0 else 0.0
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return iou - (hull - union) / hull if hull > 0 else iou
+
+
+def qwen2vl_resized_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) of the image Qwen2-VL's processor feeds the model: Qwen2-VL's `smart_resize` rule.
+
+    Sides are rounded to multiples of 28 and the area is scaled into [min_pixels, max_pixels] with the aspect
+    ratio kept; this equals `image_grid_thw[1:] * 14`. Written here so grading needs no torchvision.
+    """
+    factor = QWEN2VL_FACTOR
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def rescale_box(box: Box, from_size: tuple[float, float], to_size: tuple[float, float]) -> Box:
+    """`box` given on an image of (width, height) `from_size`, in the pixels of one of size `to_size`."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
+def grounding_metrics(ious: Sequence[float]) -> dict[str, float]:
+    """`mIoU` (mean IoU, failures given as 0) and `acc@0.5` (share with IoU > 0.5), both in [0, 1]."""
+    if not ious:
+        return {"mIoU": 0.0, "acc@0.5": 0.0}
+    return {"mIoU": sum(ious) / len(ious), "acc@0.5": sum(iou > 0.5 for iou in ious) / len(ious)}

@@ -1,0 +1,456 @@
+"""Grounding tasks: LISA reasoning grounding as Visual-RFT (`lisa`) and RefCOCO as VLM-R1 (`refcoco`).
+
+Both ask for one box inside <answer></answer> and reward format + a continuous IoU, or GIoU + 1 (in [0, 2],
+the paper's LISA reward) with `reward="giou"`. LISA boxes are `(x1,y1),(x2,y2)` on a 0-1000 scale of the
+image; RefCOCO boxes are `[x1, y1, x2, y2]` in pixels of the image as Qwen2-VL's processor resized it,
+mapped back to the original size before the IoU. `synthetic[:N]` draws coloured shapes instead.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from gpg_vl.data import DataError, read_records, synthetic_spec, to_pil
+from gpg_vl.parsing import extract_answer, format_ok
+from gpg_vl.task import RewardOutput, Task
+from gpg_vl_tasks._boxes import (
+    Box,
+    box_giou,
+    box_iou,
+    clip_box,
+    grounding_metrics,
+    parse_list_box,
+    parse_point_pair_box,
+    qwen2vl_resized_size,
+    rescale_box,
+)
+
+# The system prompt of R1-V / Visual-RFT, used by prompt_style="base".
+R1_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think><answer> answer here </answer>"
+)
+# Visual-RFT's LISA training prompt (grpo_lisa.py + gen_sft.py), typos included: the policy was trained on it.
+LISA_PROMPT = (
+    "Output the bounding box in the image corresponding to the instruction: {instruction} "
+    "Output the thinking process in <think> </think> and your grouding box. "
+    'Following "<think> thinking process </think>\n<answer>(x1,y1),(x2,y2)</answer>)" format.'
+)
+# VLM-R1's REC question template (vlm_modules/qwen_module.py, task "rec").
+REFCOCO_PROMPT = (
+    "{problem} First output the thinking process in <think> </think> tags and then output the final answer in "
+    "<answer> </answer> tags. Output the final answer in JSON format."
+)
+REFCOCO_PROBLEM = "Please provide the bounding box coordinate of the region this sentence describes: {expression}."
+LISA_SCALE = 1000.0
+PROMPT_STYLES = ("instruct", "base")
+REWARDS = ("iou", "giou")
+
+
+class _BoxTask(Task):
+    """What LISA and RefCOCO share: one target box per example, format + IoU/GIoU reward, mIoU/acc@0.5."""
+
+    data_hint = ""  # which local files `load` accepts, for the error when no path is given
+    box_scale: float | None = None  # the frame of example["box"]: a 0-N normalised scale, or None for pixels
+
+    def __init__(self, prompt_style: str = "instruct", reward: str = "iou", image_root: str | None = None, **options):
+        super().__init__(**options)
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"{self.name}: prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+        if reward not in REWARDS:
+            raise ValueError(f"{self.name}: reward must be one of {REWARDS}, got {reward!r}")
+        self.prompt_style, self.reward, self.image_root = prompt_style, reward, image_root
+
+    # ---- what each grounding task defines ---------------------------------------------------------
+    def prompt_text(self, example: dict) -> str:
+        raise NotImplementedError
+
+    def parse_box(self, text: str) -> Box | None:
+        """The first box written in the task's answer form, as written."""
+        raise NotImplementedError
+
+    def predicted_box(self, raw: Box, example: dict) -> Box | None:
+        """A parsed box in the frame of `example["box"]`, clipped to it; None when it is not a valid box."""
+        raise NotImplementedError
+
+    def examples_from_row(self, row: dict, index: int, base_dir: str | None, split: str, where: str) -> list[dict]:
+        """The examples one data row gives (DataError naming `where` when the row is malformed)."""
+        raise NotImplementedError
+
+    def synthetic(self, size: int, seed: int) -> list[dict]:
+        """The offline twin: `size` drawn examples, the same for the same seed."""
+        raise NotImplementedError
+
+    # ---- the Task API ----------------------------------------------------------------------------
+    def load(self, path: str | None = None, split: str = "train") -> list[dict]:
+        path = path or (self.default_train_data if split == "train" else self.default_eval_data)
+        if path is None:
+            raise DataError(f"{self.name}: no public hub copy of this data; pass a local file ({self.data_hint})")
+        spec = synthetic_spec(path, split)
+        if spec is not None:
+            return self.synthetic(*spec)
+        rows = read_records(path, split)
+        base_dir = self.image_root or _folder_of(path)
+        examples = []
+        for index, row in enumerate(rows):
+            where = f"{path}: row {index}"
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            examples.extend(self.examples_from_row(row, index, base_dir, split, where))
+        return examples
+
+    def messages(self, example: dict) -> list[dict]:
+        user = {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": to_pil(example["image"], where=f"{self.name} example {example['id']}")},
+                {"type": "text", "text": self.prompt_text(example)},
+            ],
+        }
+        if self.prompt_style == "instruct":
+            return [user]
+        return [{"role": "system", "content": R1_SYSTEM_PROMPT}, user, {"role": "assistant", "content": "<think>"}]
+
+    def score(self, completion: str, example: dict) -> RewardOutput:
+        text = self._full_completion(completion)
+        fmt = float(format_ok(text))
+        pred = self._answer_box(text, example)
+        target = tuple(example["box"])
+        iou = box_iou(pred, target) if pred else 0.0
+        components = {"format": fmt, "iou": iou}
+        if self.reward == "giou":
+            # GIoU + 1 keeps a wrong but valid box above a missing one (0), as Visual-RFT's LISA reward does.
+            components["giou"] = box_giou(pred, target) + 1.0 if pred else 0.0
+            return RewardOutput(fmt + components["giou"], components)
+        return RewardOutput(fmt + iou, components)
+
+    def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
+        if len(examples) != len(completions):
+            raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+        return grounding_metrics([self.score(c, ex).components["iou"] for ex, c in zip(examples, completions)])
+
+    def parse_answer(self, completion: str) -> str | None:
+        """The answer's box as written, `x1,y1,x2,y2` in the model's frame; None when there is none."""
+        box = self._raw_box(self._full_completion(completion))
+        return None if box is None else ",".join(f"{v:g}" for v in box)
+
+    def record_fields(self, example: dict) -> dict[str, Any]:
+        fields = {k: example[k] for k in ("id", "instruction", "problem", "width", "height") if k in example}
+        fields["box"] = list(example["box"])
+        if isinstance(example.get("image"), str):
+            fields["image_path"] = example["image"]
+        return fields
+
+    # ---- shared helpers ---------------------------------------------------------------------------
+    def _full_completion(self, completion: str) -> str:
+        text = completion if isinstance(completion, str) else ""
+        # A base-model prompt ends in "<think>", so the completion continues after it.
+        if self.prompt_style == "base" and not text.lstrip().startswith("<think>"):
+            text = "<think>" + text
+        return text
+
+    def _raw_box(self, text: str) -> Box | None:
+        # The last <answer> block when there is one (Visual-RFT/VLM-R1 training rewards), else the whole text
+        # (Visual-RFT's LISA evaluation searches the whole response).
+        answer = extract_answer(text)
+        return self.parse_box(answer if answer is not None else text)
+
+    def _answer_box(self, text: str, example: dict) -> Box | None:
+        raw = self._raw_box(text)
+        return None if raw is None else self.predicted_box(raw, example)
+
+
+class LisaTask(_BoxTask):
+    """LISA reasoning grounding as Visual-RFT: an instruction, a box `(x1,y1),(x2,y2)` on a 0-1000 scale."""
+
+    name = "lisa"
+    description = "LISA reasoning grounding (Visual-RFT): a box (x1,y1),(x2,y2) on a 0-1000 scale; IoU or GIoU reward."
+    data_hint = "Visual-RFT's lisa_{train,val,test}.json box files or lisa_train_sft.json, or synthetic[:N]"
+    box_scale = LISA_SCALE
+
+    def prompt_text(self, example: dict) -> str:
+        return LISA_PROMPT.format(instruction=example["instruction"])
+
+    def parse_box(self, text: str) -> Box | None:
+        return parse_point_pair_box(text)
+
+    def predicted_box(self, raw: Box, example: dict) -> Box | None:
+        return clip_box(raw, LISA_SCALE, LISA_SCALE)
+
+    def examples_from_row(self, row: dict, index: int, base_dir: str | None, split: str, where: str) -> list[dict]:
+        """Visual-RFT's box file row, or a row of its SFT conversation file (see `_lisa_from_conversation`)."""
+        if "conversations" in row:
+            return [_lisa_from_conversation(row, index, base_dir, where)]
+        missing = [k for k in ("image_path", "instruction", "boxes") if k not in row]
+        if missing:
+            raise DataError(
+                f"{where}: missing {missing}; expected Visual-RFT's box file (image_path, instruction, boxes) "
+                "or its SFT file (conversations)"
+            )
+        image = _resolve_image(row["image_path"], base_dir, where)
+        width, height = _image_size(image, where)
+        box = _box_from_value(row["boxes"][0] if isinstance(row["boxes"], list) and row["boxes"] else None, where)
+        scaled = _to_thousandths(box, width, height)
+        instructions = row["instruction"] if isinstance(row["instruction"], list) else [row["instruction"]]
+        if not instructions or not all(isinstance(t, str) and t.strip() for t in instructions):
+            raise DataError(f"{where}: 'instruction' must be a non-empty string or list of strings")
+        # Training expands every instruction into an example (Visual-RFT's gen_sft.py); evaluation uses the first.
+        chosen = instructions if split == "train" else instructions[:1]
+        base_id = str(row.get("id", index))
+        return [
+            {
+                "id": base_id if len(chosen) == 1 else f"{base_id}-{k}",
+                "image": image,
+                "instruction": text.strip(),
+                "box": scaled,
+                "width": width,
+                "height": height,
+            }
+            for k, text in enumerate(chosen)
+        ]
+
+    def synthetic(self, size: int, seed: int) -> list[dict]:
+        examples = []
+        for i in range(size):
+            scene = draw_scene(random.Random(seed * 1_000_003 + i))
+            examples.append(
+                {
+                    "id": f"synthetic-{i}",
+                    "image": scene["image"],
+                    "instruction": f"Find {scene['description']}.",
+                    "box": _to_thousandths(scene["box"], scene["width"], scene["height"]),
+                    "width": scene["width"],
+                    "height": scene["height"],
+                }
+            )
+        return examples
+
+
+class RefCOCOTask(_BoxTask):
+    """RefCOCO/+/g as VLM-R1: a referring expression, a box `[x1, y1, x2, y2]` in pixels of the resized image."""
+
+    name = "refcoco"
+    description = "RefCOCO referring expressions (VLM-R1): [x1, y1, x2, y2] in resized-image pixels; IoU/GIoU reward."
+    data_hint = "VLM-R1's rec_jsons_processed/*.json or its *.jsonl conversation files, or synthetic[:N]"
+
+    def prompt_text(self, example: dict) -> str:
+        return REFCOCO_PROMPT.format(problem=example["problem"])
+
+    def parse_box(self, text: str) -> Box | None:
+        return parse_list_box(text)
+
+    def predicted_box(self, raw: Box, example: dict) -> Box | None:
+        # The model saw the image at Qwen2-VL's resized size and answers in its pixels (VLM-R1's resize_bbox).
+        width, height = self.original_size(example)
+        seen_h, seen_w = qwen2vl_resized_size(height, width, self.min_pixels, self.max_pixels)
+        return clip_box(rescale_box(raw, (seen_w, seen_h), (width, height)), width, height)
+
+    def original_size(self, example: dict) -> tuple[int, int]:
+        """(width, height) of the example's image as stored."""
+        if "width" not in example or "height" not in example:
+            # Read lazily: RefCOCO training files list ~100k images, too many headers to read at load time.
+            example["width"], example["height"] = _image_size(example["image"], f"refcoco example {example['id']}")
+        return int(example["width"]), int(example["height"])
+
+    def examples_from_row(self, row: dict, index: int, base_dir: str | None, split: str, where: str) -> list[dict]:
+        """VLM-R1's `image, problem, solution` row, or its `image, conversations` JSONL row."""
+        if "image" not in row:
+            raise DataError(f"{where}: missing 'image'; expected VLM-R1's (image, problem, solution) or conversations")
+        if "conversations" in row:
+            turns = _turns(row["conversations"], where)
+            problem = turns["user"].replace("<image>", "").strip()
+            box = parse_list_box(turns["assistant"])
+            if box is None:
+                raise DataError(f"{where}: assistant turn has no [x1, y1, x2, y2] box: {turns['assistant'][:100]!r}")
+        elif "problem" in row and "solution" in row:
+            problem, box = str(row["problem"]).strip(), _box_from_value(row["solution"], where)
+        else:
+            raise DataError(f"{where}: expected (image, problem, solution) or (image, conversations): {sorted(row)}")
+        image = row["image"]
+        if isinstance(image, list):
+            if len(image) != 1:
+                raise DataError(f"{where}: RefCOCO examples have one image, got {len(image)}")
+            image = image[0]
+        image = _resolve_image(image, base_dir, where)
+        return [{"id": str(row.get("id", index)), "image": image, "problem": problem, "box": list(box)}]
+
+    def synthetic(self, size: int, seed: int) -> list[dict]:
+        examples = []
+        for i in range(size):
+            scene = draw_scene(random.Random(seed * 1_000_003 + i))
+            examples.append(
+                {
+                    "id": f"synthetic-{i}",
+                    "image": scene["image"],
+                    "problem": REFCOCO_PROBLEM.format(expression=scene["description"]),
+                    "box": list(scene["box"]),
+                    "width": scene["width"],
+                    "height": scene["height"],
+                }
+            )
+        return examples
+
+
+# ---- loading helpers ----------------------------------------------------------------------------
+
+
+def _folder_of(path: str) -> str | None:
+    """The folder relative image paths are resolved against: the data file's folder (None for a hub id)."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        return str(local.parent)
+    return str(local) if local.is_dir() else None
+
+
+def _resolve_image(value: Any, base_dir: str | None, where: str) -> Any:
+    """An image reference ready for `to_pil`: a path made absolute and checked to exist, or bytes/dict/PIL as is."""
+    if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
+        value = value["path"]
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise DataError(f"{where}: image file not found: {path}")
+        return str(path)
+    if isinstance(value, (bytes, bytearray, dict, Image.Image)):
+        return value
+    raise DataError(f"{where}: cannot read an image from a {type(value).__name__}")
+
+
+def _image_size(image: Any, where: str) -> tuple[int, int]:
+    """(width, height) of an image reference, reading only the header of a file or of encoded bytes."""
+    if isinstance(image, Image.Image):
+        return image.size
+    source = image.get("bytes") if isinstance(image, dict) else image
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as opened:
+            return opened.size
+    except Exception as e:  # PIL raises several types on unreadable files
+        raise DataError(f"{where}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def _to_thousandths(box: Sequence[float], width: float, height: float) -> list[float]:
+    """A pixel box on the 0-1000 scale LISA answers use (Visual-RFT divides by the image size, times 1000)."""
+    sx, sy = LISA_SCALE / width, LISA_SCALE / height
+    return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+
+def _box_from_value(value: Any, where: str) -> Box:
+    """A ground-truth box from a list of four numbers or a string holding `[x1, y1, x2, y2]`."""
+    box = None
+    if isinstance(value, (list, tuple)) and len(value) == 4:
+        try:
+            box = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            box = None
+    elif isinstance(value, str):
+        box = parse_list_box(value)
+    if box is None or not (box[2] > box[0] and box[3] > box[1]):
+        raise DataError(f"{where}: ground-truth box must be [x1, y1, x2, y2] with x2 > x1 and y2 > y1, got {value!r}")
+    return box  # type: ignore[return-value]
+
+
+def _turns(conversations: Any, where: str) -> dict[str, str]:
+    """The first user and assistant texts of a conversation list (`from`: user/human, assistant/gpt)."""
+    roles = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+    turns: dict[str, str] = {}
+    for message in conversations if isinstance(conversations, list) else []:
+        role = roles.get(message.get("from", "")) if isinstance(message, dict) else None
+        if role and role not in turns and isinstance(message.get("value"), str):
+            turns[role] = message["value"]
+    if set(turns) != {"user", "assistant"}:
+        raise DataError(f"{where}: 'conversations' needs a user/human turn and an assistant/gpt turn")
+    return turns
+
+
+_IMG_TAG = re.compile(r"<img>(.*?)</img>", re.DOTALL)
+_LISA_PREFIX = "Output the bounding box in the image corresponding to the instruction:"
+
+
+def _lisa_from_conversation(row: dict, index: int, base_dir: str | None, where: str) -> dict:
+    """A row of Visual-RFT's `lisa_train_sft.json` (made by gen_sft.py).
+
+    User turn `<img>PATH</img>\\n Output the bounding box in the image corresponding to the instruction: TEXT`,
+    assistant turn `(x1,y1),(x2,y2)` already on the 0-1000 scale. An `image` field may replace the <img> tag.
+    """
+    turns = _turns(row["conversations"], where)
+    tag = _IMG_TAG.search(turns["user"])
+    image = tag.group(1).strip() if tag else row.get("image")
+    if image is None:
+        raise DataError(f"{where}: no <img>PATH</img> in the user turn and no 'image' field")
+    text = _IMG_TAG.sub("", turns["user"]).replace("<image>", "").strip()
+    instruction = text.split(_LISA_PREFIX, 1)[-1].strip()
+    box = parse_point_pair_box(turns["assistant"])
+    if box is None or not (box[2] > box[0] and box[3] > box[1]) or not instruction:
+        raise DataError(f"{where}: expected an instruction and an assistant box (x1,y1),(x2,y2); got {turns!r:.200}")
+    resolved = _resolve_image(image, base_dir, where)
+    width, height = _image_size(resolved, where)
+    return {
+        "id": str(row.get("id", index)),
+        "image": resolved,
+        "instruction": instruction,
+        "box": list(box),
+        "width": width,
+        "height": height,
+    }
+
+
+# ---- the synthetic twin -------------------------------------------------------------------------
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 190, 20),
+    "purple": (140, 60, 180),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_scene(rng: random.Random) -> dict:
+    """2-4 shapes of distinct colour/shape pairs on an odd-sized canvas; the first one is the target.
+
+    Sides are not multiples of 28, so RefCOCO's resize-and-map-back is exercised. Returns PNG bytes, the size,
+    the target's description ("the red circle") and its pixel box.
+    """
+    width, height = rng.randint(200, 320), rng.randint(160, 280)
+    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], rng.randint(2, 4))
+    image = Image.new("RGB", (width, height), (245, 245, 240))
+    draw = ImageDraw.Draw(image)
+    boxes: list[tuple[int, int, int, int]] = []
+    for color, shape in kinds:
+        box = _free_spot(rng, width, height, boxes)
+        boxes.append(box)
+        x1, y1, x2, y2 = box
+        if shape == "circle":
+            draw.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLORS[color])
+        else:
+            draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=COLORS[color])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    color, shape = kinds[0]
+    description = f"the {color} {shape}"
+    return {"image": buffer.getvalue(), "width": width, "height": height, "description": description, "box": boxes[0]}
+
+
+def _free_spot(rng: random.Random, width: int, height: int, taken: list) -> tuple[int, int, int, int]:
+    """A square box of side 30-70 px inside the canvas that overlaps no taken box (best effort after 200 tries)."""
+    for _ in range(200):
+        side = rng.randint(30, 70)
+        x, y = rng.randint(0, width - side - 1), rng.randint(0, height - side - 1)
+        box = (x, y, x + side, y + side)
+        if all(box[2] <= t[0] or t[2] <= box[0] or box[3] <= t[1] or t[3] <= box[1] for t in taken):
+            return box
+    return box
