@@ -28,10 +28,10 @@ class ModelConfig:
     """float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to from_pretrained: sdpa | eager | flash_attention_2."""
-    min_pixels: int = 3136
-    """Smallest image area (pixels) fed to the model; images are resized to multiples of 28 within bounds."""
-    max_pixels: int = 12845056
-    """Largest image area (pixels) fed to the model; bounds the number of image tokens."""
+    min_pixels: int | None = None
+    """Smallest image area (pixels) fed to the model; null: the model's saved image-processor setting."""
+    max_pixels: int | None = None
+    """Largest image area (pixels) fed to the model (bounds image tokens); null: the model's saved setting."""
     freeze_vision: bool = False
     """Keep the vision tower's weights fixed (only the language model and merger train)."""
     gradient_checkpointing: bool = False

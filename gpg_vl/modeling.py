@@ -54,6 +54,8 @@ class VLProcessor:
 
     tokenizer: object
     image_processor: object
+    min_pixels: int = 56 * 56  # the image budget every image is resized into (gpg_vl.images)
+    max_pixels: int = 28 * 28 * 1280
 
     @property
     def image_token_id(self) -> int:
@@ -109,6 +111,12 @@ class VLProcessor:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def resize(self, messages: list[dict]) -> list[dict]:
+        """Messages with every image resized into this processor's pixel budget."""
+        from gpg_vl.images import resize_messages
+
+        return resize_messages(messages, self.min_pixels, self.max_pixels)
+
     def save_pretrained(self, path: str | Path) -> None:
         save_processor(path, self.tokenizer, self.image_processor)
 
@@ -127,16 +135,25 @@ def save_processor(path: str | Path, tokenizer, image_processor) -> None:
 def load_processor(
     path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None, local_files_only: bool = False
 ) -> VLProcessor:
-    """Tokenizer + image processor of a model folder or hub id, with the pixel budget set."""
+    """Tokenizer + image processor of a model folder or hub id, with the pixel budget set.
+
+    A budget left as None is the one saved with the model, so a checkpoint is evaluated and demoed on
+    images of the size it was trained on.
+    """
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     tokenizer.padding_side = "left"
     image_processor = image_processor_class().from_pretrained(path, local_files_only=local_files_only)
-    if min_pixels is not None and max_pixels is not None:
-        image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-            if hasattr(image_processor, name):
-                setattr(image_processor, name, value)
-    return VLProcessor(tokenizer, image_processor)
+    size = dict(getattr(image_processor, "size", None) or {})
+    min_pixels = min_pixels or size.get("shortest_edge") or getattr(image_processor, "min_pixels", None) or 56 * 56
+    max_pixels = max_pixels or size.get("longest_edge") or getattr(image_processor, "max_pixels", None) or 28 * 28 * 1280
+    if min_pixels > max_pixels:
+        raise ValueError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
+    # saved with checkpoints, so the budget travels with the model
+    image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if hasattr(image_processor, name):
+            setattr(image_processor, name, value)
+    return VLProcessor(tokenizer, image_processor, min_pixels, max_pixels)
 
 
 def cache_dir() -> Path:

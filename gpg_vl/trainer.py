@@ -27,7 +27,7 @@ from gpg_vl import algorithms
 from gpg_vl.checkpoint import CHECKPOINT_PREFIX, load_trainer_state, resolve_resume, save_checkpoint
 from gpg_vl.config import Config, load_config
 from gpg_vl.groups import PromptSampler, collect_groups
-from gpg_vl.images import message_images, resize_messages
+from gpg_vl.images import message_images
 from gpg_vl.logger import RunLogger
 from gpg_vl.logprobs import compute_token_logprobs
 from gpg_vl.modeling import check_model_source, load_policy, resolve_model_path
@@ -134,7 +134,6 @@ def train(cfg: Config) -> dict:
     # Task and data (a hub model that cannot be loaded fails here, before any data is read)
     check_model_source(resolve_model_path(cfg.model.name_or_path))
     task = get_task(cfg.task.name, **cfg.task.options)
-    task.configure_images(cfg.model.min_pixels, cfg.model.max_pixels)
     train_examples = task.load(cfg.task.train_data, cfg.task.train_split)
     if cfg.train.train_limit:
         train_examples = train_examples[: cfg.train.train_limit]
@@ -151,6 +150,7 @@ def train(cfg: Config) -> dict:
         state = load_trainer_state(resume_dir)
         model_cfg.name_or_path = str(resume_dir)
     model, processor = load_policy(model_cfg, accelerator.device)
+    task.configure_images(processor.min_pixels, processor.max_pixels)  # e.g. RefCOCO maps boxes back with it
     ref_model = None
     if algo.name == "grpo" and algo.kl_coef > 0:  # GPG never loads a reference model
         ref_model, _ = load_policy(cfg.model, accelerator.device)
@@ -235,7 +235,7 @@ def train(cfg: Config) -> dict:
                 for k, rows in enumerate(chunks):
                     idle = not rows  # this rank has fewer micro-batches: it runs one with weight 0
                     rows, weight = (carries[:1] or [0], 0.0) if idle else (rows, 1.0)
-                    prompts = [resize_messages(groups.prompts[rollout.prompt_indices[r]], cfg.model.min_pixels, cfg.model.max_pixels) for r in rows]
+                    prompts = [processor.resize(groups.prompts[rollout.prompt_indices[r]]) for r in rows]
                     inputs = processor(prompts).to(accelerator.device)
                     sync = accelerator.no_sync(model) if k < len(chunks) - 1 else _null()
                     with sync, accelerator.autocast():

@@ -39,7 +39,6 @@ def make_format_warm(
     """Warm `base` up on the format and save it to `out_dir` (atomically). Prints progress."""
     from gpg_vl.checkpoint import atomic_dir
     from gpg_vl.config import ModelConfig
-    from gpg_vl.images import resize_messages
     from gpg_vl.modeling import load_policy
     from gpg_vl.registry import get_task
 
@@ -48,14 +47,14 @@ def make_format_warm(
     model, processor = load_policy(ModelConfig(name_or_path=base, min_pixels=PIXELS[0], max_pixels=PIXELS[1]))
     task = get_task("shapes", questions=["color", "shape"])
     examples = task.load("synthetic:512", split="warmup")
-    engine = HFEngine(model, processor, batch_size=64, min_pixels=PIXELS[0], max_pixels=PIXELS[1])
+    engine = HFEngine(model, processor, batch_size=64)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     eos = processor.tokenizer.eos_token
     start, rate = time.time(), 0.0
     print(f"[warm-up] teaching the answer format to {base} (stops at {target_parse_rate:.0%} sampled parse rate)")
     for step in range(1, max_steps + 1):
         batch = rng.sample(examples, batch_size)
-        prompts = [resize_messages(task.messages(e), *PIXELS) for e in batch]
+        prompts = [processor.resize(task.messages(e)) for e in batch]
         enc = processor.tokenizer([t + eos for t in _targets(rng, batch_size)], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
         logprobs = compute_token_logprobs(model, processor(prompts), enc["input_ids"], enc["attention_mask"].float(), suppressed_ids=processor.suppressed_token_ids)
         loss = -logprobs.sum() / enc["attention_mask"].sum()

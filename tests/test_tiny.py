@@ -107,3 +107,15 @@ print("ok")
 def test_works_without_torchvision(tmp_path):
     proc = subprocess.run([sys.executable, "-c", NO_TORCHVISION, str(tmp_path / "m")], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_pixel_budget_defaults_to_the_one_saved_with_the_model(tiny_model_dir, tmp_path):
+    _, processor = load_policy(ModelConfig(name_or_path=str(tiny_model_dir)))
+    assert (processor.min_pixels, processor.max_pixels) == (56 * 56, 112 * 112)  # the tiny kit's budget
+    _, processor = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), max_pixels=224 * 224))
+    processor.save_pretrained(tmp_path)
+    from gpg_vl.modeling import load_processor
+
+    assert load_processor(tmp_path).max_pixels == 224 * 224  # checkpoints carry their budget
+    image = processor.resize(MESSAGES)[0]["content"][0]["image"]
+    assert image.size == (84, 56)  # 90x60 rounded to multiples of 28 inside the budget

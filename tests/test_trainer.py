@@ -75,10 +75,8 @@ def test_micro_batches_give_the_full_batch_update(tiny_model_dir, tmp_path):
     # (a per-micro-batch mean would change both). 16 sequences in chunks of 3 -> 6 micro-batches.
     assert full_log["loss"] == pytest.approx(micro_log["loss"], abs=1e-6)
     assert full_log["grad_norm"] == pytest.approx(micro_log["grad_norm"], rel=1e-5)
-    # Adam divides by sqrt(v), so coordinates with near-zero gradients amplify float noise; compare loosely
-    full, micro = weights(tmp_path / "full/checkpoint-1"), weights(tmp_path / "micro/checkpoint-1")
-    for name in full:
-        torch.testing.assert_close(full[name], micro[name], atol=1e-4, rtol=1e-4)
+    # (Parameters after the step are not compared: Adam's first step is ~lr*sign(g), so coordinates whose
+    # gradient is ~1e-8 flip on float noise and say nothing about normalisation.)
 
 
 def test_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):

@@ -8,7 +8,7 @@ from gpg_vl.rollout.base import Rollout, RolloutEngine, SamplingParams
 def _make_hf(model, processor, rollout_cfg, model_cfg):
     from gpg_vl.rollout.hf import HFEngine
 
-    return HFEngine(model, processor, rollout_cfg.batch_size, model_cfg.min_pixels, model_cfg.max_pixels)
+    return HFEngine(model, processor, rollout_cfg.batch_size)
 
 
 def _make_vllm(model, processor, rollout_cfg, model_cfg):

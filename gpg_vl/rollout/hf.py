@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from gpg_vl.images import resize_messages
 from gpg_vl.rollout.base import Rollout, SamplingParams
 
 class HFEngine:
     """`RolloutEngine` over `model.generate`, `batch_size` sequences at a time."""
 
-    def __init__(self, model, processor, batch_size: int = 64, min_pixels: int = 3136, max_pixels: int = 12845056):
+    def __init__(self, model, processor, batch_size: int = 64):
         self.model = model
         self.processor = processor
         self.batch_size = max(1, batch_size)
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.suppress_ids = processor.suppressed_token_ids
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -31,7 +29,7 @@ class HFEngine:
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> Rollout:
         # One row per completion, group-contiguous: prompt 0 repeated n times, then prompt 1, ...
         rows = [i for i in range(len(prompts)) for _ in range(params.n)]
-        resized = [resize_messages(p, self.min_pixels, self.max_pixels) for p in prompts]
+        resized = [self.processor.resize(p) for p in prompts]
         if params.seed is not None:
             torch.manual_seed(params.seed)
         chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
