@@ -13,18 +13,12 @@ from dataclasses import dataclass
 from PIL import Image
 
 from gpg_vl.images import message_images
-from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION
+from gpg_vl.parsing import R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_SIDE = 4096
 PROMPT_STYLES = ("instruct", "base")
 
-# R1-style system turn for base models (the assistant turn is then continued from "<think>").
-BASE_SYSTEM = (
-    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
-    "answers it. The Assistant first thinks about the reasoning process and then gives the answer, enclosed in "
-    "<think> </think> and <answer> </answer> tags: <think> reasoning here </think><answer> answer here </answer>."
-)
 # Ground-truth fields shown beside an example, in this order when present.
 TRUTH_KEYS = ("answer", "ground_truth", "solution", "label", "correct_answer", "box", "boxes", "bbox")
 
@@ -84,7 +78,7 @@ def upload_prompt(image: Image.Image, question: str, style: str, task=None) -> P
     if style == "base":
         user = [{"type": "image", "image": image}, {"type": "text", "text": question}]
         messages = [
-            {"role": "system", "content": BASE_SYSTEM},
+            {"role": "system", "content": R1_SYSTEM_PROMPT},
             {"role": "user", "content": user},
             {"role": "assistant", "content": "<think>"},
         ]

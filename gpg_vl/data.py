@@ -140,6 +140,30 @@ def to_pil(value: Any, base_dir: str | Path | None = None, where: str = "image")
     return image.convert("RGB")
 
 
+def data_folder(path: str) -> str | None:
+    """The folder relative image paths are resolved against: the data file's folder (None for a hub id)."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        return str(local.parent)
+    return str(local) if local.is_dir() else None
+
+
+def resolve_image_ref(value: Any, base_dir: str | None, where: str) -> Any:
+    """An image reference for `to_pil`: a path made absolute and checked to exist, or bytes/dict/PIL as is."""
+    if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
+        value = value["path"]
+    if isinstance(value, str):
+        path = Path(value).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise DataError(f"{where}: image file not found: {path}")
+        return str(path)
+    if isinstance(value, (bytes, bytearray, dict, Image.Image)):
+        return value
+    raise DataError(f"{where}: cannot read an image from a {type(value).__name__}")
+
+
 def limit(examples: Sequence[dict], n: int | None) -> Sequence[dict]:
     """The first n examples (all when n is None)."""
     return examples if n is None else examples[:n]

@@ -7,10 +7,20 @@ nested tags, unicode): every pattern is linear-time and anchored.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 THINK_ANSWER_INSTRUCTION = (
     "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
 )
+# R1's system prompt (as R1-V and Visual-RFT use it) for prompt_style="base": the conversation then ends in
+# an assistant turn opened with "<think>", which the model continues.
+R1_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think><answer> answer here </answer>"
+)
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 _TAG = re.compile(r"</?(?:think|answer)>")
 _FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
@@ -39,29 +49,41 @@ def extract_answer(completion: str) -> str | None:
     return found[-1].strip() if found else None
 
 
-_LETTER = re.compile(r"^\(?([A-Z])\)?(?=$|[\s.:,)])")
-_ANY_LETTER = re.compile(r"\(([A-Z])\)")
+
+_PAREN_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)")
+_BARE_LETTER = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
+# "A chair" is the article, "A or B" / "A is right" name the letter.
+_ARTICLE_AFTER = re.compile(r"\s+(?!(?:or|and|is|nor|vs)\b)[a-z]")
 
 
-def match_choice(answer: str, choices: list[str]) -> int | None:
-    """Index of the choice an answer names, by letter (`B`, `(B)`, `(B) blue`) or by its text; else None.
+def match_choice(answer: str | None, choices: Sequence[str]) -> int | None:
+    """The choice an <answer> text picks, or None when it picks none or several.
 
-    An answer that names two different letters, or matches no choice, names none.
+    In order: the whole answer equals a choice text ("left", "3"); else the letters it names ("(B)", "B",
+    "B." or "(b)") must be exactly one, and a valid one; else exactly one choice text must appear in it as a
+    whole word. A bare "A" before a lowercase word other than or/and/is/nor/vs is the article, so "A chair"
+    names no letter while "A or B" names two. An answer holding think/answer tags (nested tags) picks nothing.
     """
-    text = answer.strip()
-    letters = set(_ANY_LETTER.findall(text))
-    first = _LETTER.match(text)
-    if first:
-        letters.add(first.group(1))
-    if len(letters) > 1:
+    if answer is None or _TAG.search(answer):
         return None
+    norm = _normalise(answer)
+    texts = [_normalise(c) for c in choices]
+    if norm in texts:
+        return texts.index(norm)
+    letters = {m.group(1).upper() for m in _PAREN_LETTER.finditer(answer)}
+    for m in _BARE_LETTER.finditer(answer):
+        letter = m.group(1)
+        # a bare capital names a choice only if there is such a choice: "I think B" names B alone
+        if letter in LETTERS[: len(choices)] and not (letter == "A" and _ARTICLE_AFTER.match(answer, m.end())):
+            letters.add(letter)
+    if len(norm) == 1 and norm.isalpha():
+        letters.add(norm.upper())
     if letters:
-        index = ord(letters.pop()) - ord("A")
-        return index if index < len(choices) else None
-    norm = _normalize(text)
-    named = [i for i, c in enumerate(choices) if _normalize(str(c)) == norm]
+        index = LETTERS.find(letters.pop()) if len(letters) == 1 else -1
+        return index if index in range(len(choices)) else None
+    named = [i for i, t in enumerate(texts) if t and re.search(rf"(?<!\w){re.escape(t)}(?!\w)", norm)]
     return named[0] if len(named) == 1 else None
 
 
-def _normalize(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .")

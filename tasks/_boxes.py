@@ -20,7 +20,6 @@ _POINT_PAIR = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*,\s*\(\s*{_NUM}\s*,\
 # VLM-R1's RefCOCO answer "[x1, y1, x2, y2]", bare or inside JSON such as {"bbox_2d": [...]}.
 _LIST = re.compile(rf"\[\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*,\s*{_NUM}\s*\]")
 
-QWEN2VL_FACTOR = 28  # ViT patch 14 x 2x2 token merge: resized sides are multiples of 28 pixels
 
 
 def parse_point_pair_box(text: str) -> Box | None:
@@ -75,26 +74,6 @@ def box_giou(a: Box, b: Box) -> float:
     iou = inter / union if union > 0 else 0.0
     hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
     return iou - (hull - union) / hull if hull > 0 else iou
-
-
-def qwen2vl_resized_size(height: int, width: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """(height, width) of the image Qwen2-VL's processor feeds the model: Qwen2-VL's `smart_resize` rule.
-
-    Sides are rounded to multiples of 28 and the area is scaled into [min_pixels, max_pixels] with the aspect
-    ratio kept; this equals `image_grid_thw[1:] * 14`. Written here so grading needs no torchvision.
-    """
-    factor = QWEN2VL_FACTOR
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
 
 
 def rescale_box(box: Box, from_size: tuple[float, float], to_size: tuple[float, float]) -> Box:

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from gpg_vl.data import DataError, read_records, synthetic_spec, to_pil
-from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
+from gpg_vl.parsing import R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 
 # dataset option -> (hub id of the 4-shot training set, question); questions as in Visual-RFT's
@@ -44,13 +44,6 @@ DATASETS = {
 }
 SYNTHETIC_QUESTION = (
     "This is an image containing a shape. Please identify the colour and kind of the shape based on the image."
-)
-
-BASE_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
-    "solves it. The assistant first thinks about the reasoning process in the mind and then provides the user "
-    "with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
-    "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
 )
 
 _ANY_TAG = re.compile(r"</?(?:think|answer)>")
@@ -165,7 +158,7 @@ class ClassificationTask(Task):
         if self.prompt_style == "instruct":
             return [{"role": "user", "content": [image, {"type": "text", "text": text}]}]
         return [
-            {"role": "system", "content": BASE_SYSTEM_PROMPT},
+            {"role": "system", "content": R1_SYSTEM_PROMPT},
             {"role": "user", "content": [image, {"type": "text", "text": text}]},
             {"role": "assistant", "content": "<think>"},
         ]

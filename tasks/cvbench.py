@@ -16,25 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from gpg_vl.data import DataError, read_records, synthetic_spec, to_pil
-from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
+from gpg_vl.parsing import R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
 from gpg_vl.task import RewardOutput, Task
 from gpg_vl_tasks.cvbench_synthetic import LETTERS, make_rows, render_prompt
 
 CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
 
-# R1's system prompt, adapted to an image question; the final "<think>" assistant turn is continued.
-BASE_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
-    "solves it. The assistant first thinks about the reasoning process in the mind and then provides the user "
-    "with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
-    "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
-)
-
 _ANY_TAG = re.compile(r"</?(?:think|answer)>")
-_PAREN_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)")
-_BARE_LETTER = re.compile(r"(?<![A-Za-z0-9])([A-Z])(?![A-Za-z0-9])")
-# "A chair" is the article, "A or B" / "A is right" name the letter.
-_ARTICLE_AFTER = re.compile(r"\s+(?!(?:or|and|is|nor|vs)\b)[a-z]")
 
 
 class CVBenchTask(Task):
@@ -156,7 +144,7 @@ class CVBenchTask(Task):
             text = f"{example['prompt']}\n{THINK_ANSWER_INSTRUCTION}"
             return [{"role": "user", "content": [*images, {"type": "text", "text": text}]}]
         return [
-            {"role": "system", "content": BASE_SYSTEM_PROMPT},
+            {"role": "system", "content": R1_SYSTEM_PROMPT},
             {"role": "user", "content": [*images, {"type": "text", "text": example["prompt"]}]},
             {"role": "assistant", "content": "<think>"},
         ]
@@ -165,7 +153,7 @@ class CVBenchTask(Task):
     def score(self, completion: str, example: dict) -> RewardOutput:
         text = self._as_generated(completion)
         fmt = float(format_ok(text))
-        acc = float(chosen_index(extract_answer(text), example["choices"]) == LETTERS.index(example["answer"][1]))
+        acc = float(match_choice(extract_answer(text), example["choices"]) == LETTERS.index(example["answer"][1]))
         return RewardOutput(fmt + acc, {"format": fmt, "accuracy": acc})
 
     def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
@@ -195,34 +183,6 @@ class CVBenchTask(Task):
         if self.prompt_style == "base" and not text.lstrip().startswith("<think>"):
             return "<think>" + text
         return text
-
-
-def chosen_index(answer: str | None, choices: Sequence[str]) -> int | None:
-    """The choice an <answer> text picks, or None when it picks none or several.
-
-    In order: the whole answer equals a choice text ("left", "3"); else the letters it names ("(B)", "B",
-    "B." or "(b)") must be exactly one, and a valid one; else exactly one choice text must appear in it as a
-    whole word. A bare "A" before a lowercase word other than or/and/is/nor/vs is the article, so "A chair"
-    names no letter while "A or B" names two. An answer holding think/answer tags (nested tags) picks nothing.
-    """
-    if answer is None or _ANY_TAG.search(answer):
-        return None
-    norm = _normalise(answer)
-    texts = [_normalise(c) for c in choices]
-    if norm in texts:
-        return texts.index(norm)
-    letters = {m.group(1).upper() for m in _PAREN_LETTER.finditer(answer)}
-    for m in _BARE_LETTER.finditer(answer):
-        letter = m.group(1)
-        if letter in LETTERS and not (letter == "A" and _ARTICLE_AFTER.match(answer, m.end())):
-            letters.add(letter)
-    if len(norm) == 1 and norm.isalpha():
-        letters.add(norm.upper())
-    if letters:
-        index = LETTERS.find(letters.pop()) if len(letters) == 1 else -1
-        return index if index in range(len(choices)) else None
-    named = [i for i, t in enumerate(texts) if t and re.search(rf"(?<!\w){re.escape(t)}(?!\w)", norm)]
-    return named[0] if len(named) == 1 else None
 
 
 def lmms_eval_overall(examples: Sequence[dict], correct: Sequence[float]) -> float | None:

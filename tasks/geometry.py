@@ -23,24 +23,16 @@ import threading
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from gpg_vl.data import DataError, read_records, synthetic_spec, to_pil
-from gpg_vl.parsing import extract_answer, format_ok
+from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref, synthetic_spec, to_pil
+from gpg_vl.parsing import R1_SYSTEM_PROMPT, extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 
 # R1-V's test prompt (src/eval/test_qwen2vl_geoqa.py); its training script puts two spaces before it.
 INSTRUCTION = "Output the thinking process in <think> </think> and final answer (number) in <answer> </answer> tags."
-# The system prompt of R1-V / Visual-RFT, used by prompt_style="base".
-R1_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
-    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
-    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
-    "<think> reasoning process here </think><answer> answer here </answer>"
-)
 PROMPT_STYLES = ("instruct", "base")
 MAX_ANSWER_CHARS = 1_000  # a strict answer longer than this is not a number; it is graded wrong unparsed
 MAX_OUTPUT_CHARS = 20_000  # r1v parses at most the last 20k characters (R1-V's outputs stop at 1024 tokens)
@@ -75,7 +67,7 @@ class GeometryTask(Task):
         if spec is not None:
             return make_synthetic(*spec)
         rows = read_records(path, split)
-        base_dir = self.image_root or _folder_of(path)
+        base_dir = self.image_root or data_folder(path)
         return [_example_from_row(row, i, base_dir, f"{path}: row {i}") for i, row in enumerate(rows)]
 
     def messages(self, example: dict) -> list[dict]:
@@ -130,13 +122,6 @@ class GeometryTask(Task):
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def _folder_of(path: str) -> str | None:
-    """The folder relative image paths are resolved against: the data file's folder (None for a hub id)."""
-    local = Path(path).expanduser()
-    if local.is_file():
-        return str(local.parent)
-    return str(local) if local.is_dir() else None
-
 
 def _example_from_row(row: Any, index: int, base_dir: str | None, where: str) -> dict:
     """R1-V's test row (image_path, question, ground_truth) or the hub train row (image, problem, solution)."""
@@ -155,26 +140,11 @@ def _example_from_row(row: Any, index: int, base_dir: str | None, where: str) ->
         raise DataError(f"{where}: empty question or ground truth")
     return {
         "id": str(row.get("id", index)),
-        "image": _resolve_image(image, base_dir, where),
+        "image": resolve_image_ref(image, base_dir, where),
         "question": str(question).strip(),
         "ground_truth": str(truth).strip(),
     }
 
-
-def _resolve_image(value: Any, base_dir: str | None, where: str) -> Any:
-    """A path made absolute and checked to exist, or image bytes/dict/PIL as they are."""
-    if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
-        value = value["path"]
-    if isinstance(value, str):
-        path = Path(value).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = Path(base_dir) / path
-        if not path.is_file():
-            raise DataError(f"{where}: image file not found: {path}")
-        return str(path)
-    if isinstance(value, (bytes, bytearray, dict, Image.Image)):
-        return value
-    raise DataError(f"{where}: cannot read an image from a {type(value).__name__}")
 
 
 # ---- grading ------------------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import io
 import random
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.data import DataError, read_records, synthetic_spec, to_pil
-from gpg_vl.parsing import extract_answer, format_ok
+from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref, synthetic_spec, to_pil
+from gpg_vl.images import smart_resize
+from gpg_vl.parsing import R1_SYSTEM_PROMPT, extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 from gpg_vl_tasks._boxes import (
     Box,
@@ -28,17 +28,9 @@ from gpg_vl_tasks._boxes import (
     grounding_metrics,
     parse_list_box,
     parse_point_pair_box,
-    qwen2vl_resized_size,
     rescale_box,
 )
 
-# The system prompt of R1-V / Visual-RFT, used by prompt_style="base".
-R1_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
-    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
-    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
-    "<think> reasoning process here </think><answer> answer here </answer>"
-)
 # Visual-RFT's LISA training prompt (grpo_lisa.py + gen_sft.py), typos included: the policy was trained on it.
 LISA_PROMPT = (
     "Output the bounding box in the image corresponding to the instruction: {instruction} "
@@ -99,7 +91,7 @@ class _BoxTask(Task):
         if spec is not None:
             return self.synthetic(*spec)
         rows = read_records(path, split)
-        base_dir = self.image_root or _folder_of(path)
+        base_dir = self.image_root or data_folder(path)
         examples = []
         for index, row in enumerate(rows):
             where = f"{path}: row {index}"
@@ -196,7 +188,7 @@ class LisaTask(_BoxTask):
                 f"{where}: missing {missing}; expected Visual-RFT's box file (image_path, instruction, boxes) "
                 "or its SFT file (conversations)"
             )
-        image = _resolve_image(row["image_path"], base_dir, where)
+        image = resolve_image_ref(row["image_path"], base_dir, where)
         width, height = _image_size(image, where)
         box = _box_from_value(row["boxes"][0] if isinstance(row["boxes"], list) and row["boxes"] else None, where)
         scaled = _to_thousandths(box, width, height)
@@ -251,7 +243,7 @@ class RefCOCOTask(_BoxTask):
     def predicted_box(self, raw: Box, example: dict) -> Box | None:
         # The model saw the image at Qwen2-VL's resized size and answers in its pixels (VLM-R1's resize_bbox).
         width, height = self.original_size(example)
-        seen_h, seen_w = qwen2vl_resized_size(height, width, self.min_pixels, self.max_pixels)
+        seen_h, seen_w = smart_resize(height, width, self.min_pixels, self.max_pixels)
         return clip_box(rescale_box(raw, (seen_w, seen_h), (width, height)), width, height)
 
     def original_size(self, example: dict) -> tuple[int, int]:
@@ -280,7 +272,7 @@ class RefCOCOTask(_BoxTask):
             if len(image) != 1:
                 raise DataError(f"{where}: RefCOCO examples have one image, got {len(image)}")
             image = image[0]
-        image = _resolve_image(image, base_dir, where)
+        image = resolve_image_ref(image, base_dir, where)
         return [{"id": str(row.get("id", index)), "image": image, "problem": problem, "box": list(box)}]
 
     def synthetic(self, size: int, seed: int) -> list[dict]:
@@ -303,28 +295,6 @@ class RefCOCOTask(_BoxTask):
 # ---- loading helpers ----------------------------------------------------------------------------
 
 
-def _folder_of(path: str) -> str | None:
-    """The folder relative image paths are resolved against: the data file's folder (None for a hub id)."""
-    local = Path(path).expanduser()
-    if local.is_file():
-        return str(local.parent)
-    return str(local) if local.is_dir() else None
-
-
-def _resolve_image(value: Any, base_dir: str | None, where: str) -> Any:
-    """An image reference ready for `to_pil`: a path made absolute and checked to exist, or bytes/dict/PIL as is."""
-    if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
-        value = value["path"]
-    if isinstance(value, str):
-        path = Path(value).expanduser()
-        if not path.is_absolute() and base_dir is not None:
-            path = Path(base_dir) / path
-        if not path.is_file():
-            raise DataError(f"{where}: image file not found: {path}")
-        return str(path)
-    if isinstance(value, (bytes, bytearray, dict, Image.Image)):
-        return value
-    raise DataError(f"{where}: cannot read an image from a {type(value).__name__}")
 
 
 def _image_size(image: Any, where: str) -> tuple[int, int]:
@@ -393,7 +363,7 @@ def _lisa_from_conversation(row: dict, index: int, base_dir: str | None, where: 
     box = parse_point_pair_box(turns["assistant"])
     if box is None or not (box[2] > box[0] and box[3] > box[1]) or not instruction:
         raise DataError(f"{where}: expected an instruction and an assistant box (x1,y1),(x2,y2); got {turns!r:.200}")
-    resolved = _resolve_image(image, base_dir, where)
+    resolved = resolve_image_ref(image, base_dir, where)
     width, height = _image_size(resolved, where)
     return {
         "id": str(row.get("id", index)),

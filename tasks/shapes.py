@@ -13,19 +13,12 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw
 
 from gpg_vl.data import DataError, synthetic_spec
-from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
+from gpg_vl.parsing import LETTERS, R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
 from gpg_vl.task import RewardOutput, Task
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle", "diamond")
 QUESTIONS = {"color": "What colour is the shape in the image?", "shape": "What shape is in the image?"}
-LETTERS = "ABCDEFGH"
-BASE_SYSTEM = (
-    "A conversation between User and Assistant. The user asks a question about an image, and the Assistant "
-    "answers it. The Assistant first thinks about the reasoning process and then gives the answer, enclosed "
-    "in <think> </think> and <answer> </answer> tags: <think> reasoning </think><answer> answer </answer>."
-)
-
 
 def draw_shape(shape: str, color: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
     """A `size`x`size` image with one large shape (side 45-70% of the image) at a random place."""
@@ -94,7 +87,7 @@ class ShapesTask(Task):
         if self.prompt_style == "base":
             user.append({"type": "text", "text": self.prompt_text(example)})
             return [
-                {"role": "system", "content": BASE_SYSTEM},
+                {"role": "system", "content": R1_SYSTEM_PROMPT},
                 {"role": "user", "content": user},
                 {"role": "assistant", "content": "<think>"},
             ]

@@ -14,7 +14,8 @@ from PIL import Image
 
 from gpg_vl import get_task
 from gpg_vl.data import DataError
-from gpg_vl_tasks.cvbench import CVBenchTask, chosen_index, lmms_eval_overall
+from gpg_vl.parsing import match_choice
+from gpg_vl_tasks.cvbench import CVBenchTask, lmms_eval_overall
 from gpg_vl_tasks.cvbench_synthetic import BACKGROUND, COLOURS
 
 INSTRUCTION = "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
@@ -73,7 +74,7 @@ def test_base_prompt_golden():
     messages = CVBenchTask(prompt_style="base").messages(cv_example())
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     assert messages[0]["content"] == (
-        "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
+        "A conversation between User and Assistant. The user asks a question, and the Assistant "
         "solves it. The assistant first thinks about the reasoning process in the mind and then provides the user "
         "with the answer. The reasoning process and answer are enclosed within <think> </think> and <answer> "
         "</answer> tags, respectively, i.e., <think> reasoning process here </think><answer> answer here </answer>"
@@ -168,8 +169,8 @@ def test_base_style_scores_a_continuation_of_the_think_prefix():
         (None, ["lamp", "chair"], None),
     ],
 )
-def test_chosen_index(text, choices, expected):
-    assert chosen_index(text, choices) == expected
+def test_match_choice(text, choices, expected):
+    assert match_choice(text, choices) == expected
 
 
 # ---- metrics ----------------------------------------------------------------------------------------
