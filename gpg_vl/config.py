@@ -74,6 +74,12 @@ class RolloutConfig:
     """Sequences generated at once by the engine (a memory knob, not an algorithm one)."""
     vllm_gpu_memory_utilization: float = 0.3
     """vLLM only: share of GPU memory the colocated engine may take."""
+    vllm_max_images_per_prompt: int = 1
+    """vLLM only: most images one prompt may carry (SAT's two-image rows need 2)."""
+    vllm_sleep: bool = False
+    """vLLM only: release the engine's memory between rollouts (sleep level 1)."""
+    vllm_kwargs: dict = field(default_factory=dict)
+    """vLLM only: extra keyword arguments for vllm.LLM (e.g. max_model_len)."""
 
 
 @dataclass

@@ -14,7 +14,12 @@ def _make_hf(model, processor, rollout_cfg, model_cfg):
 def _make_vllm(model, processor, rollout_cfg, model_cfg):
     from gpg_vl.rollout.vllm import VLLMEngine  # the only module that imports vllm
 
-    return VLLMEngine(model, processor, rollout_cfg, model_cfg)
+    return VLLMEngine(
+        model, processor, rollout_cfg, model_cfg,
+        max_images_per_prompt=rollout_cfg.vllm_max_images_per_prompt,
+        sleep=rollout_cfg.vllm_sleep,
+        llm_kwargs=rollout_cfg.vllm_kwargs,
+    )
 
 
 ENGINES = {"hf": _make_hf, "vllm": _make_vllm}
