@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
+import importlib.util
 import json
 import math
 import os
@@ -65,10 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     add("--num-samples", type=int, default=1, metavar="N",
         help="completions per example; N > 1 adds pass@k for k = 1, 2, 4, ..., N (needs --temperature > 0)")
     add("--max-new-tokens", type=int, default=default_tokens, help=f"longest completion (default: {default_tokens}, as in training)")
-    add("--min-pixels", type=int,
-        help="smallest image area fed to the model (default: as saved in the model's preprocessor_config.json, else 3136)")
-    add("--max-pixels", type=int,
-        help="largest image area fed to the model (default: as saved in the model's preprocessor_config.json, else 12845056)")
+    add("--min-pixels", type=int, help="smallest image area fed to the model (default: the one saved with the model)")
+    add("--max-pixels", type=int, help="largest image area fed to the model (default: the one saved with the model)")
     add("--engine", default="hf", help="rollout engine: hf (transformers generate) | vllm (CUDA only) (default: hf)")
     add("--seed", type=int, default=0, help="sampling seed (default: 0)")
     add("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -269,25 +267,22 @@ def unique_model_names(models: Sequence[str]) -> list[str]:
     return names
 
 
-def model_pixel_budget(path: str) -> tuple[int | None, int | None]:
-    """(min_pixels, max_pixels) saved in a model's preprocessor_config.json (local folder or hub cache)."""
-    file = Path(path).expanduser() / "preprocessor_config.json"
-    if not file.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
+def pixel_budget(path: str, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+    """The image budget the model will run with: the flags where given, else the one saved with the model
+    (read by `load_processor`, the same rule `load_policy` applies), without loading any weights."""
+    from gpg_vl.modeling import ModelLoadError, check_model_source, load_processor
 
-            cached = try_to_load_from_cache(path, "preprocessor_config.json")  # never goes online
-        except Exception:  # not a valid repo id
-            cached = None
-        if not isinstance(cached, str):
-            return None, None
-        file = Path(cached)
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise ModelLoadError(f"model folder not found: {path}")
     try:
-        saved = json.loads(file.read_text())
-    except (OSError, ValueError):
-        return None, None
-    size = saved.get("size") or {}
-    return size.get("shortest_edge", saved.get("min_pixels")), size.get("longest_edge", saved.get("max_pixels"))
+        local_only = check_model_source(path)  # fails fast when a hub id is neither reachable nor cached
+        processor = load_processor(path, min_pixels, max_pixels, local_files_only=local_only)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        first_line = (str(e).splitlines() or [""])[0][:300]
+        raise ModelLoadError(f"could not load the processor of {path!r}: {type(e).__name__}: {first_line}") from None
+    return processor.min_pixels, processor.max_pixels
 
 
 def make_task(name: str, options: dict) -> Task:
@@ -304,11 +299,8 @@ def check_args(args) -> None:
 
     if args.engine not in ENGINES:
         raise ConfigError(f"--engine {args.engine!r} is unknown; choose one of {', '.join(ENGINES)}")
-    if args.engine == "vllm":  # say so once, not once per model
-        try:
-            importlib.import_module("gpg_vl.rollout.vllm")
-        except ImportError as e:
-            raise ConfigError(f"--engine vllm cannot be used here ({e}); it needs CUDA and `pip install 'gpg-vl[vllm]'`") from None
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:  # say so once, not once per model
+        raise ConfigError("--engine vllm needs vLLM, which is not installed: `pip install 'gpg-vl[vllm]'` on a CUDA machine")
     if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise ConfigError("--num-samples, --batch-size and --max-new-tokens must be >= 1")
     if args.limit is not None and args.limit < 1:
@@ -322,7 +314,7 @@ def check_args(args) -> None:
 
 @dataclass
 class EvalData:
-    """A task configured for one pixel budget, its examples (after --limit) and their unique ids."""
+    """The task, its examples (after --limit) and their unique ids: loaded once, shared by every model."""
 
     task: Task
     examples: Sequence[dict]
@@ -336,32 +328,27 @@ def run(args) -> int:
 
     check_args(args)
     options = dict(parse_override(text) for text in args.task_option)
-    probe = make_task(args.task, options)
-    data_path = args.data or probe.default_eval_data
-    split = args.split or probe.default_eval_split
+    task = make_task(args.task, options)
+    data_path = args.data or task.default_eval_data
+    split = args.split or task.default_eval_split
+    examples = task.load(data_path, split)  # a DataError stops here, before any model is loaded
+    examples = examples if args.limit is None else examples[: args.limit]
+    data = EvalData(task, examples, example_ids(task, examples))
     sampling = SamplingParams(
         n=args.num_samples, temperature=args.temperature, top_p=1.0, top_k=0, max_new_tokens=args.max_new_tokens, seed=args.seed
     )
     output = Path(args.output)
-    datasets: dict[tuple[int, int], EvalData] = {}  # examples loaded once per pixel budget
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}
     for name, model in zip(unique_model_names(args.model), args.model):
         try:
             path = resolve_model_path(model)  # builds a builtin preset on first use
+            # the budget each checkpoint was trained with: builtin tiny models 56x56..112x112, Qwen2-VL its own
+            budget = pixel_budget(path, args.min_pixels, args.max_pixels)
         except ModelLoadError as e:
             failures[name] = _report_failure(model, name, e)
             continue
-        saved = model_pixel_budget(path)
-        # the budget the checkpoint was trained with (saved beside it), not a global default: builtin tiny models
-        # were built for 56x56..112x112 images, Qwen2-VL's own for 3136..12845056 pixels
-        budget = (args.min_pixels or saved[0] or ModelConfig.min_pixels, args.max_pixels or saved[1] or ModelConfig.max_pixels)
-        if budget not in datasets:  # a DataError here stops the whole eval: no model can be scored without data
-            task = make_task(args.task, options)
-            task.configure_images(*budget)
-            examples = task.load(data_path, split)
-            examples = examples if args.limit is None else examples[: args.limit]
-            datasets[budget] = EvalData(task, examples, example_ids(task, examples))
+        task.configure_images(*budget)  # before any message is built or completion scored for this model
         local = Path(model).expanduser()
         settings = {  # what must match for a rerun to resume into the same records
             "model": str(local.resolve()) if local.exists() else model,
@@ -370,11 +357,12 @@ def run(args) -> int:
             "min_pixels": budget[0], "max_pixels": budget[1], "seed": args.seed if args.temperature > 0 else None,
         }  # fmt: skip
         try:
-            results[name] = evaluate_model(name, path, output / name, datasets[budget], settings, sampling, args)
+            results[name] = evaluate_model(name, path, output / name, data, settings, sampling, args)
         except KeyboardInterrupt:
             raise
         except Exception as e:  # one broken model must not stop the comparison of the others
-            failures[name] = _report_failure(model, name, e, tb=not isinstance(e, (ModelLoadError, ConfigError, DataError)))
+            expected = isinstance(e, (ModelLoadError, ConfigError, DataError, ImportError))  # others get a traceback
+            failures[name] = _report_failure(model, name, e, tb=not expected)
     if len(args.model) > 1 and results:
         header = f"Task `{args.task}` on `{data_path}` (split `{split}`)"
         atomic_write_text(output / COMPARISON_MD, render_comparison(results, failures, header))
@@ -543,7 +531,7 @@ def plot_comparison(path: Path, results: dict[str, dict], title: str) -> None:
     keys, names = _metric_keys(results), list(results)
     fractions = all(0.0 <= r["metrics"][k] <= 1.0 for r in results.values() for k in r["metrics"])
     scale = 100.0 if fractions else 1.0
-    fig = Figure(figsize=(max(6.0, 0.35 * len(keys) * len(names) + 2), 4.5))
+    fig = Figure(figsize=(max(6.0, 0.35 * len(keys) * len(names) + 2) + 2.5, 4.5))  # + room for the legend
     ax = fig.subplots()
     width = 0.8 / len(names)
     for j, name in enumerate(names):
@@ -553,9 +541,10 @@ def plot_comparison(path: Path, results: dict[str, dict], title: str) -> None:
     ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right")
     ax.set_ylabel("%" if fractions else "value")
     if fractions:
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, 112)  # headroom for the labels over 100% bars
+        ax.set_yticks(range(0, 101, 20))
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
