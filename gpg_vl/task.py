@@ -45,6 +45,8 @@ class Task:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    #: "instruct" or "base"; tasks that offer base-model prompts set it from their options
+    prompt_style: str = "instruct"
     #: dataset used when no path is given (a hub id, or "synthetic" for a generated twin)
     default_train_data: ClassVar[str | None] = None
     default_eval_data: ClassVar[str | None] = None
@@ -81,11 +83,18 @@ class Task:
         """Called by trainer/eval/demo with the model's pixel budget (tasks that rescale boxes need it)."""
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
 
+    def full_completion(self, completion: str) -> str:
+        """The model's whole turn: a base-style prompt ends in "<think>", which the completion continues."""
+        text = completion if isinstance(completion, str) else ""
+        if self.prompt_style == "base" and not text.lstrip().startswith("<think>"):
+            return "<think>" + text
+        return text
+
     def parse_answer(self, completion: str) -> str | None:
         """The final answer a completion gives (for records and the demo); None when there is none."""
         from gpg_vl.parsing import extract_answer
 
-        return extract_answer(completion)
+        return extract_answer(self.full_completion(completion))
 
     def example_id(self, example: dict, index: int) -> str:
         """A stable id for records and resumable evaluation."""

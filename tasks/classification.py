@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from gpg_vl.data import DataError, read_records, synthetic_spec, to_pil
+from gpg_vl.data import DataError, read_records, resolve_image_ref, synthetic_spec, to_pil
 from gpg_vl.parsing import R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 
@@ -119,7 +119,7 @@ class ClassificationTask(Task):
                 raise DataError(f"{where}: empty class name in 'solution' {row['solution']!r}")
             image = row["image"]
             if isinstance(image, str):
-                image = _resolve(image, base_dir, where)
+                image = resolve_image_ref(image, base_dir, where)
             problem = row.get("problem")
             examples.append(
                 {"id": f"{split}-{i}", "image": image, "label": label, "question": self.question,
@@ -165,9 +165,7 @@ class ClassificationTask(Task):
 
     # ---- reward and metrics ------------------------------------------------------------------------
     def score(self, completion: str, example: dict) -> RewardOutput:
-        text = completion if isinstance(completion, str) else ""
-        if self.prompt_style == "base" and not text.lstrip().startswith("<think>"):
-            text = "<think>" + text  # the prompt already emitted the opening tag
+        text = self.full_completion(completion)
         fmt = float(format_ok(text))
         acc = float(class_matches(extract_answer(text), example["label"], self.match))
         return RewardOutput(fmt + acc, {"format": fmt, "accuracy": acc})
@@ -251,7 +249,7 @@ def _read_label_txt(file: Path, folder: Path, n_classes: int) -> list[tuple[str,
         where = f"{file}:{n}"
         if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) >= n_classes:
             raise DataError(f"{where}: expected '<image path> <label 0..{n_classes - 1}>', got {line!r}")
-        items.append((_resolve(parts[0], folder, where), int(parts[1])))
+        items.append((resolve_image_ref(parts[0], folder, where), int(parts[1])))
     return items
 
 
@@ -269,17 +267,7 @@ def _read_label_pth(file: Path, image_dir: Path, n_classes: int) -> list[tuple[s
             label = int(info["label"]) if isinstance(info, dict) and "label" in info else -1
             if not 0 <= label < n_classes:
                 raise DataError(f"{where}: label {label} outside 0..{n_classes - 1}")
-            items.append((_resolve(Path(str(path)).name, image_dir, where), label))
+            items.append((resolve_image_ref(Path(str(path)).name, image_dir, where), label))
     if not items:
         raise DataError(f"{file}: expected a list of {{image path: {{'label': k}}}} entries")
     return items
-
-
-def _resolve(path: str, base_dir: Path | None, where: str) -> str:
-    """An image path made absolute against the data file's folder; fails at load, not mid-training."""
-    file = Path(path).expanduser()
-    if not file.is_absolute() and base_dir is not None:
-        file = base_dir / file
-    if not file.is_file():
-        raise DataError(f"{where}: image file not found: {file}")
-    return str(file)

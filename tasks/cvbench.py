@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpg_vl.data import DataError, read_records, synthetic_spec, to_pil
+from gpg_vl.data import DataError, read_records, resolve_image_ref, synthetic_spec, to_pil
 from gpg_vl.parsing import R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
 from gpg_vl.task import RewardOutput, Task
 from gpg_vl_tasks.cvbench_synthetic import LETTERS, make_rows, render_prompt
@@ -121,7 +121,7 @@ class CVBenchTask(Task):
         if image is None:
             raise DataError(f"{where}: no 'image' (or 'filename') field")
         if isinstance(image, str):
-            image = _resolve(image, base_dir, where)
+            image = resolve_image_ref(image, base_dir, where)
         question = _text(row, "question", where)
         return {
             "id": str(row["idx"] if row.get("idx") is not None else index),
@@ -151,7 +151,7 @@ class CVBenchTask(Task):
 
     # ---- reward and metrics ------------------------------------------------------------------------
     def score(self, completion: str, example: dict) -> RewardOutput:
-        text = self._as_generated(completion)
+        text = self.full_completion(completion)
         fmt = float(format_ok(text))
         acc = float(match_choice(extract_answer(text), example["choices"]) == LETTERS.index(example["answer"][1]))
         return RewardOutput(fmt + acc, {"format": fmt, "accuracy": acc})
@@ -176,13 +176,6 @@ class CVBenchTask(Task):
     def record_fields(self, example: dict) -> dict[str, Any]:
         keys = ("id", "task", "type", "source", "question", "choices", "answer")
         return {k: example[k] for k in keys if k in example}
-
-    def _as_generated(self, completion: Any) -> str:
-        """The completion as the format check must see it: base prompts already emitted the opening <think>."""
-        text = completion if isinstance(completion, str) else ""
-        if self.prompt_style == "base" and not text.lstrip().startswith("<think>"):
-            return "<think>" + text
-        return text
 
 
 def lmms_eval_overall(examples: Sequence[dict], correct: Sequence[float]) -> float | None:
@@ -220,13 +213,3 @@ def _text(row: dict, key: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: '{key}' must be a non-empty string, got {value!r}")
     return value.strip()
-
-
-def _resolve(path: str, base_dir: Path | None, where: str) -> str:
-    """An image path made absolute against the data file's folder; fails at load, not mid-training."""
-    file = Path(path).expanduser()
-    if not file.is_absolute() and base_dir is not None:
-        file = base_dir / file
-    if not file.is_file():
-        raise DataError(f"{where}: image file not found: {file}")
-    return str(file)

@@ -79,7 +79,7 @@ class GeometryTask(Task):
         return [{"role": "system", "content": R1_SYSTEM_PROMPT}, user, {"role": "assistant", "content": "<think>"}]
 
     def score(self, completion: str, example: dict) -> RewardOutput:
-        text = self._full_completion(completion)
+        text = self.full_completion(completion)
         fmt = float(format_ok(text))
         accuracy = float(grade_strict(extract_answer(text), example["ground_truth"], self.verify_timeout_s))
         return RewardOutput(fmt + accuracy, {"format": fmt, "accuracy": accuracy})
@@ -103,7 +103,7 @@ class GeometryTask(Task):
         return {"r1v": sum(r1v) / len(examples), "strict": sum(strict) / len(examples)}
 
     def parse_answer(self, completion: str) -> str | None:
-        return extract_answer(self._full_completion(completion))
+        return extract_answer(self.full_completion(completion))
 
     def record_fields(self, example: dict) -> dict[str, Any]:
         fields = {k: example[k] for k in ("id", "question", "ground_truth", "kind") if k in example}
@@ -111,12 +111,6 @@ class GeometryTask(Task):
             fields["image_path"] = example["image"]
         return fields
 
-    def _full_completion(self, completion: str) -> str:
-        text = completion if isinstance(completion, str) else ""
-        # A base-model prompt ends in "<think>", so the completion continues after it.
-        if self.prompt_style == "base" and not text.lstrip().startswith("<think>"):
-            text = "<think>" + text
-        return text
 
 
 # ---- loading ------------------------------------------------------------------------------------

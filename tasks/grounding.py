@@ -113,7 +113,7 @@ class _BoxTask(Task):
         return [{"role": "system", "content": R1_SYSTEM_PROMPT}, user, {"role": "assistant", "content": "<think>"}]
 
     def score(self, completion: str, example: dict) -> RewardOutput:
-        text = self._full_completion(completion)
+        text = self.full_completion(completion)
         fmt = float(format_ok(text))
         pred = self._answer_box(text, example)
         target = tuple(example["box"])
@@ -132,7 +132,7 @@ class _BoxTask(Task):
 
     def parse_answer(self, completion: str) -> str | None:
         """The answer's box as written, `x1,y1,x2,y2` in the model's frame; None when there is none."""
-        box = self._raw_box(self._full_completion(completion))
+        box = self._raw_box(self.full_completion(completion))
         return None if box is None else ",".join(f"{v:g}" for v in box)
 
     def record_fields(self, example: dict) -> dict[str, Any]:
@@ -143,12 +143,6 @@ class _BoxTask(Task):
         return fields
 
     # ---- shared helpers ---------------------------------------------------------------------------
-    def _full_completion(self, completion: str) -> str:
-        text = completion if isinstance(completion, str) else ""
-        # A base-model prompt ends in "<think>", so the completion continues after it.
-        if self.prompt_style == "base" and not text.lstrip().startswith("<think>"):
-            text = "<think>" + text
-        return text
 
     def _raw_box(self, text: str) -> Box | None:
         # The last <answer> block when there is one (Visual-RFT/VLM-R1 training rewards), else the whole text

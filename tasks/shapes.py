@@ -94,18 +94,13 @@ class ShapesTask(Task):
         user.append({"type": "text", "text": f"{self.prompt_text(example)}\n{THINK_ANSWER_INSTRUCTION}"})
         return [{"role": "user", "content": user}]
 
-    def _full(self, completion: str) -> str:
-        if self.prompt_style == "base" and not completion.lstrip().startswith("<think>"):
-            return "<think>" + completion
-        return completion
-
     def is_correct(self, completion: str, example: dict) -> bool:
-        answer = extract_answer(self._full(completion))
+        answer = extract_answer(self.full_completion(completion))
         truth = LETTERS.index(example["answer"].strip("()"))
         return answer is not None and match_choice(answer, example["choices"]) == truth
 
     def score(self, completion: str, example: dict) -> RewardOutput:
-        fmt = float(format_ok(self._full(completion)))
+        fmt = float(format_ok(self.full_completion(completion)))
         acc = float(self.is_correct(completion, example))
         return RewardOutput(total=fmt + acc, components={"format": fmt, "accuracy": acc})
 
@@ -116,7 +111,7 @@ class ShapesTask(Task):
             return {}
         hits = [self.is_correct(c, e) for e, c in zip(examples, completions)]
         out = {"accuracy": sum(hits) / len(hits)}
-        out["format"] = sum(format_ok(self._full(c)) for c in completions) / len(completions)
+        out["format"] = sum(format_ok(self.full_completion(c)) for c in completions) / len(completions)
         for kind in sorted({e["category"] for e in examples}):
             picked = [h for h, e in zip(hits, examples) if e["category"] == kind]
             out[f"accuracy/{kind}"] = sum(picked) / len(picked)

@@ -7,7 +7,6 @@ resumed run gets the same ones); the real Hugging Face engine runs on a tiny ran
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
@@ -21,18 +20,6 @@ from gpg_vl.registry import get_task
 from gpg_vl.rollout import Rollout, SamplingParams
 
 RIGHT = "<think>look</think><answer>{}</answer>"
-
-
-@pytest.fixture(scope="session", autouse=True)
-def eval_cache(tmp_path_factory):
-    """Built-in presets go to a per-session folder, never ~/.cache."""
-    old = os.environ.get("GPG_VL_CACHE")
-    os.environ["GPG_VL_CACHE"] = str(tmp_path_factory.mktemp("eval-cache"))
-    yield
-    if old is None:
-        os.environ.pop("GPG_VL_CACHE", None)
-    else:
-        os.environ["GPG_VL_CACHE"] = old
 
 
 @pytest.fixture(scope="session")
