@@ -26,7 +26,7 @@ BUILTINS = {
     "tiny-qwen2_5_vl": ("qwen2_5_vl", "tiny", False),
     "small-20m": ("qwen2_vl", "small-20m", False),
 }
-KIT_VERSION = "1"  # bump when the tiny kit changes, so stale caches are rebuilt
+KIT_VERSION = "2"  # bump when the tiny kit changes, so stale caches are rebuilt
 
 
 class ModelLoadError(RuntimeError):

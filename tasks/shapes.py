@@ -21,10 +21,10 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 QUESTIONS = {"color": "What colour is the shape in the image?", "shape": "What shape is in the image?"}
 
 def draw_shape(shape: str, color: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
-    """A `size`x`size` image with one large shape (side 45-70% of the image) at a random place."""
+    """A `size`x`size` image with one large shape (side 60-90% of the image) at a random place."""
     image = Image.new("RGB", (size, size), (245, 245, 245))
     draw = ImageDraw.Draw(image)
-    side = int(size * rng.uniform(0.45, 0.7))
+    side = int(size * rng.uniform(0.6, 0.9))
     x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
     x1, y1 = x0 + side, y0 + side
     if shape == "circle":

@@ -78,14 +78,14 @@ def eval_args(model: str, out, *extra: str, n: int = 6) -> list[str]:
 
 
 # synthetic:6 test split, questions color+shape: ids test-0..5, categories shape x5 then color,
-# answers (B) (D) (D) (B) (A) (A); choices circle/square/triangle/diamond or red/green/blue/yellow.
+# answers (B) (D) (D) (B) (A) (B); choices circle/square/triangle/diamond or red/green/blue/yellow.
 FIXED = [
     RIGHT.format("(B)"),  # right, formatted
     RIGHT.format("(A)"),  # wrong, formatted
     "(D)",  # right letter but no <answer> tags: wrong, unformatted
     "",  # empty: wrong, unformatted
     RIGHT.format("(A) circle"),  # right (letter and text agree), formatted
-    "<answer>(A)</answer>",  # right, no <think>: unformatted
+    "<answer>(B)</answer>",  # right, no <think>: unformatted
 ]
 # accuracy 3/6, format 3/6, shape 2/5 right, color 1/1 right
 EXPECTED = {"accuracy": 0.5, "format": 0.5, "accuracy/color": 1.0, "accuracy/shape": 0.4}
@@ -93,7 +93,7 @@ EXPECTED = {"accuracy": 0.5, "format": 0.5, "accuracy/color": 1.0, "accuracy/sha
 
 def test_summary_matches_hand_computed_metrics(monkeypatch, checkpoints, tmp_path):
     examples = shapes_examples(6)
-    assert [e["answer"] for e in examples] == ["(B)", "(D)", "(D)", "(B)", "(A)", "(A)"]
+    assert [e["answer"] for e in examples] == ["(B)", "(D)", "(D)", "(B)", "(A)", "(B)"]
     assert [e["category"] for e in examples] == ["shape"] * 5 + ["color"]
     use_engine(monkeypatch, ScriptedEngine(scripted_answers(examples, [[t] for t in FIXED])))
 
@@ -105,7 +105,7 @@ def test_summary_matches_hand_computed_metrics(monkeypatch, checkpoints, tmp_pat
     assert [r["id"] for r in records] == [f"test-{i}" for i in range(6)]
     assert [r["completion"] for r in records] == FIXED
     assert [r["correct"] for r in records] == [True, False, False, False, True, True]
-    assert [r["parsed_answer"] for r in records] == ["(B)", "(A)", None, None, "(A) circle", "(A)"]
+    assert [r["parsed_answer"] for r in records] == ["(B)", "(A)", None, None, "(A) circle", "(B)"]
     assert records[0]["reward"] == 2.0 and records[0]["reward_components"] == {"format": 1.0, "accuracy": 1.0}
     assert records[5]["reward_components"] == {"format": 0.0, "accuracy": 1.0}
     assert records[0]["category"] == "shape" and records[0]["answer"] == "(B)"  # task fields ride along
