@@ -17,6 +17,8 @@ class RunLogger:
         if not is_main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
+        if initial_step:
+            self._forget_after(initial_step)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -27,6 +29,15 @@ class RunLogger:
             self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(self.dir), config=cfg.to_dict())
         if cfg.logging.progress_bar:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
+
+    def _forget_after(self, step: int) -> None:
+        """On resume, drop lines logged after the checkpoint (a crashed run may have gone further)."""
+        from gpg_vl.checkpoint import atomic_write_text
+
+        path = self.dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:
         """Append one JSON line per step; mirror to TensorBoard / W&B every `log_every` steps."""
