@@ -83,6 +83,17 @@ class Task:
         """Called by trainer/eval/demo with the model's pixel budget (tasks that rescale boxes need it)."""
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
 
+    def conversation(self, images: list[Image.Image], text: str) -> list[dict]:
+        """Chat messages showing `images` then `text`: one user turn (instruct), or R1's system turn, the user
+        turn and an assistant turn opened with "<think>" that the model continues (base)."""
+        from gpg_vl.parsing import R1_SYSTEM_PROMPT
+
+        content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+        user = {"role": "user", "content": content}
+        if self.prompt_style == "base":
+            return [{"role": "system", "content": R1_SYSTEM_PROMPT}, user, {"role": "assistant", "content": "<think>"}]
+        return [user]
+
     def full_completion(self, completion: str) -> str:
         """The model's whole turn: a base-style prompt ends in "<think>", which the completion continues."""
         text = completion if isinstance(completion, str) else ""

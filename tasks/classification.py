@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from gpg_vl.data import DataError, read_records, resolve_image_ref, synthetic_spec, to_pil
-from gpg_vl.parsing import R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
+from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 
 # dataset option -> (hub id of the 4-shot training set, question); questions as in Visual-RFT's
@@ -147,7 +147,7 @@ class ClassificationTask(Task):
     # ---- prompt ----------------------------------------------------------------------------------
     def messages(self, example: dict) -> list[dict]:
         """Instruct: image, question, think/answer instruction. Base: R1 system turn, user turn, "<think>"."""
-        image = {"type": "image", "image": to_pil(example["image"], where=f"example {example.get('id')}")}
+        image = to_pil(example["image"], where=f"example {example.get('id')}")
         problem = example.get("problem") if self.use_row_problem else None
         if problem:
             text = problem.strip()
@@ -155,13 +155,7 @@ class ClassificationTask(Task):
             text = f"{example['question']}\n{THINK_ANSWER_INSTRUCTION}"
         else:
             text = example["question"]
-        if self.prompt_style == "instruct":
-            return [{"role": "user", "content": [image, {"type": "text", "text": text}]}]
-        return [
-            {"role": "system", "content": R1_SYSTEM_PROMPT},
-            {"role": "user", "content": [image, {"type": "text", "text": text}]},
-            {"role": "assistant", "content": "<think>"},
-        ]
+        return self.conversation([image], text)
 
     # ---- reward and metrics ------------------------------------------------------------------------
     def score(self, completion: str, example: dict) -> RewardOutput:

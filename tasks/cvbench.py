@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gpg_vl.data import DataError, read_records, resolve_image_ref, synthetic_spec, to_pil
-from gpg_vl.parsing import R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
+from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
 from gpg_vl.task import RewardOutput, Task
 from gpg_vl_tasks.cvbench_synthetic import LETTERS, make_rows, render_prompt
 
@@ -139,15 +139,10 @@ class CVBenchTask(Task):
     def messages(self, example: dict) -> list[dict]:
         """Instruct: image(s), prompt, think/answer instruction. Base: R1 system turn, user turn, "<think>"."""
         where = f"example {example.get('id')}"
-        images = [{"type": "image", "image": to_pil(value, where=where)} for value in example["images"]]
+        images = [to_pil(value, where=where) for value in example["images"]]
         if self.prompt_style == "instruct":
-            text = f"{example['prompt']}\n{THINK_ANSWER_INSTRUCTION}"
-            return [{"role": "user", "content": [*images, {"type": "text", "text": text}]}]
-        return [
-            {"role": "system", "content": R1_SYSTEM_PROMPT},
-            {"role": "user", "content": [*images, {"type": "text", "text": example["prompt"]}]},
-            {"role": "assistant", "content": "<think>"},
-        ]
+            return self.conversation(images, f"{example['prompt']}\n{THINK_ANSWER_INSTRUCTION}")
+        return self.conversation(images, example["prompt"])
 
     # ---- reward and metrics ------------------------------------------------------------------------
     def score(self, completion: str, example: dict) -> RewardOutput:

@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref, synthetic_spec, to_pil
-from gpg_vl.parsing import R1_SYSTEM_PROMPT, extract_answer, format_ok
+from gpg_vl.parsing import extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 
 # R1-V's test prompt (src/eval/test_qwen2vl_geoqa.py); its training script puts two spaces before it.
@@ -72,11 +72,7 @@ class GeometryTask(Task):
 
     def messages(self, example: dict) -> list[dict]:
         image = to_pil(example["image"], where=f"geometry example {example['id']}")
-        text = f"{example['question']} {INSTRUCTION}"
-        user = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}
-        if self.prompt_style == "instruct":
-            return [user]
-        return [{"role": "system", "content": R1_SYSTEM_PROMPT}, user, {"role": "assistant", "content": "<think>"}]
+        return self.conversation([image], f"{example['question']} {INSTRUCTION}")
 
     def score(self, completion: str, example: dict) -> RewardOutput:
         text = self.full_completion(completion)

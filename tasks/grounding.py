@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref, synthetic_spec, to_pil
 from gpg_vl.images import smart_resize
-from gpg_vl.parsing import R1_SYSTEM_PROMPT, extract_answer, format_ok
+from gpg_vl.parsing import extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 from gpg_vl_tasks._boxes import (
     Box,
@@ -101,16 +101,8 @@ class _BoxTask(Task):
         return examples
 
     def messages(self, example: dict) -> list[dict]:
-        user = {
-            "role": "user",
-            "content": [
-                {"type": "image", "image": to_pil(example["image"], where=f"{self.name} example {example['id']}")},
-                {"type": "text", "text": self.prompt_text(example)},
-            ],
-        }
-        if self.prompt_style == "instruct":
-            return [user]
-        return [{"role": "system", "content": R1_SYSTEM_PROMPT}, user, {"role": "assistant", "content": "<think>"}]
+        image = to_pil(example["image"], where=f"{self.name} example {example['id']}")
+        return self.conversation([image], self.prompt_text(example))
 
     def score(self, completion: str, example: dict) -> RewardOutput:
         text = self.full_completion(completion)

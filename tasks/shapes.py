@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw
 
 from gpg_vl.data import DataError, synthetic_spec
-from gpg_vl.parsing import LETTERS, R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
+from gpg_vl.parsing import LETTERS, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
 from gpg_vl.task import RewardOutput, Task
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
@@ -83,16 +83,9 @@ class ShapesTask(Task):
         return f"{example['question']}\n{options}"
 
     def messages(self, example: dict) -> list[dict]:
-        user = [{"type": "image", "image": example["image"]}]
         if self.prompt_style == "base":
-            user.append({"type": "text", "text": self.prompt_text(example)})
-            return [
-                {"role": "system", "content": R1_SYSTEM_PROMPT},
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": "<think>"},
-            ]
-        user.append({"type": "text", "text": f"{self.prompt_text(example)}\n{THINK_ANSWER_INSTRUCTION}"})
-        return [{"role": "user", "content": user}]
+            return self.conversation([example["image"]], self.prompt_text(example))
+        return self.conversation([example["image"]], f"{self.prompt_text(example)}\n{THINK_ANSWER_INSTRUCTION}")
 
     def is_correct(self, completion: str, example: dict) -> bool:
         answer = extract_answer(self.full_completion(completion))
