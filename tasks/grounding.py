@@ -80,6 +80,15 @@ class _BoxTask(Task):
 
     def synthetic(self, size: int, seed: int) -> list[dict]:
         """The offline twin: `size` drawn examples, the same for the same seed."""
+        examples = []
+        for i in range(size):
+            scene = draw_scene(random.Random(seed * 1_000_003 + i))
+            base = {"id": f"synthetic-{i}", "image": scene["image"], "width": scene["width"], "height": scene["height"]}
+            examples.append({**base, **self.synthetic_fields(scene)})
+        return examples
+
+    def synthetic_fields(self, scene: dict) -> dict:
+        """The task's own fields (its text and its box form) for one drawn scene."""
         raise NotImplementedError
 
     # ---- the Task API ----------------------------------------------------------------------------
@@ -196,21 +205,11 @@ class LisaTask(_BoxTask):
             for k, text in enumerate(chosen)
         ]
 
-    def synthetic(self, size: int, seed: int) -> list[dict]:
-        examples = []
-        for i in range(size):
-            scene = draw_scene(random.Random(seed * 1_000_003 + i))
-            examples.append(
-                {
-                    "id": f"synthetic-{i}",
-                    "image": scene["image"],
-                    "instruction": f"Find {scene['description']}.",
-                    "box": _to_thousandths(scene["box"], scene["width"], scene["height"]),
-                    "width": scene["width"],
-                    "height": scene["height"],
-                }
-            )
-        return examples
+    def synthetic_fields(self, scene: dict) -> dict:
+        return {
+            "instruction": f"Find {scene['description']}.",
+            "box": _to_thousandths(scene["box"], scene["width"], scene["height"]),
+        }
 
 
 class RefCOCOTask(_BoxTask):
@@ -261,21 +260,8 @@ class RefCOCOTask(_BoxTask):
         image = resolve_image_ref(image, base_dir, where)
         return [{"id": str(row.get("id", index)), "image": image, "problem": problem, "box": list(box)}]
 
-    def synthetic(self, size: int, seed: int) -> list[dict]:
-        examples = []
-        for i in range(size):
-            scene = draw_scene(random.Random(seed * 1_000_003 + i))
-            examples.append(
-                {
-                    "id": f"synthetic-{i}",
-                    "image": scene["image"],
-                    "problem": REFCOCO_PROBLEM.format(expression=scene["description"]),
-                    "box": list(scene["box"]),
-                    "width": scene["width"],
-                    "height": scene["height"],
-                }
-            )
-        return examples
+    def synthetic_fields(self, scene: dict) -> dict:
+        return {"problem": REFCOCO_PROBLEM.format(expression=scene["description"]), "box": list(scene["box"])}
 
 
 # ---- loading helpers ----------------------------------------------------------------------------
