@@ -21,13 +21,28 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    r: int = 0
+    """Adapter rank; 0 disables LoRA (full fine-tuning)."""
+    alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Module names that get adapters, matched in the language model only (the vision tower stays frozen)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = "builtin:tiny-warm"
     """Hub id (Qwen/Qwen2-VL-2B-Instruct), local folder, or a built-in preset `builtin:<preset>`."""
     dtype: str = "auto"
-    """float32 | bfloat16 | float16 | auto (bfloat16 on CUDA, float32 on CPU)."""
+    """Dtype of the weights themselves (and so of the optimizer state): float32 | bfloat16 | float16 |
+    auto (float32 master weights with bf16 autocast on CUDA; float32 on CPU). bfloat16 halves weight and
+    optimizer memory but rounds small updates away; see docs/memory.md."""
     attn_implementation: str = "sdpa"
-    """Attention kernel passed to from_pretrained: sdpa | eager | flash_attention_2."""
+    """Attention kernel passed to from_pretrained: sdpa | eager | flash_attention_2 (falls back to sdpa
+    with a warning when flash-attn is not installed)."""
     min_pixels: int | None = None
     """Smallest image area (pixels) fed to the model; null: the model's saved image-processor setting."""
     max_pixels: int | None = None
@@ -36,6 +51,8 @@ class ModelConfig:
     """Keep the vision tower's weights fixed (only the language model and merger train)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())
+    """LoRA adapters (peft); lora.r: 0 trains every weight (full fine-tuning)."""
 
 
 @dataclass
@@ -106,6 +123,8 @@ class AlgorithmConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"
+    """Optimizer: adamw (torch) | adamw_8bit (bitsandbytes, CUDA only: `pip install 'gpg-vl[gpu]'`)."""
     lr: float = 1e-6
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
