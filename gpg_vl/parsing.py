@@ -1,13 +1,13 @@
 """Parsing of the `<think>...</think><answer>...</answer>` completion format shared by the tasks.
 
-Kept strict and regex-only so scoring never raises and stays fast on adversarial strings (very long,
-nested tags, unicode): every pattern is linear-time and anchored.
+Kept strict so scoring never raises, and linear-time so it stays fast on hostile strings (megabytes of
+repeated or unclosed tags, digit runs, unicode): tags are found with str.find, never with a lazy `.*?`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 THINK_ANSWER_INSTRUCTION = (
     "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
@@ -23,20 +23,49 @@ R1_SYSTEM_PROMPT = (
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 _TAG = re.compile(r"</?(?:think|answer)>")
-_FORMAT = re.compile(r"\s*<think>(?P<think>.*?)</think>\s*<answer>(?P<answer>.*?)</answer>\s*", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_FORMAT_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+# Trap: the obvious patterns (`<answer>(.*?)</answer>` with findall, a lazy fullmatch of the whole format)
+# rescan the rest of the text from every unclosed tag, so 100 KB of repeated `<answer>` took seconds and
+# 1 MB never finished. Everything below walks the text once with str.find and keeps the regexes' results.
 
 
 def format_ok(completion: str) -> bool:
-    """True when the completion is exactly one <think> block then one <answer> block, nothing else."""
-    match = _FORMAT.fullmatch(completion)
-    return bool(match) and len(_TAG.findall(completion)) == 4
+    """True when the completion is exactly one <think> block then one <answer> block, nothing else.
+
+    Only whitespace may sit before <think>, between </think> and <answer>, and after </answer>.
+    """
+    tags = []
+    for match in _TAG.finditer(completion):
+        if len(tags) == len(_FORMAT_TAGS) or match.group() != _FORMAT_TAGS[len(tags)]:
+            return False  # a fifth tag, or one out of order: stop at once instead of listing them all
+        tags.append(match)
+    if len(tags) != len(_FORMAT_TAGS):
+        return False
+    outside = (completion[: tags[0].start()], completion[tags[1].end() : tags[2].start()], completion[tags[3].end() :])
+    return all(not gap.strip() for gap in outside)  # str.strip and the regex `\s` share one whitespace table
 
 
 def extract_think(completion: str) -> str | None:
     """The text inside the first <think>...</think>, stripped; None when absent."""
-    match = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
-    return match.group(1).strip() if match else None
+    start = completion.find("<think>")
+    end = completion.find("</think>", start + len("<think>")) if start >= 0 else -1
+    return completion[start + len("<think>") : end].strip() if end >= 0 else None
+
+
+def answer_blocks(completion: str) -> Iterator[str]:
+    """The contents of the <answer>...</answer> blocks, left to right, unstripped.
+
+    As `re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)` pairs them: each block runs from an
+    <answer> to the first </answer> after it, so `<answer>a<answer>b</answer>` is one block `a<answer>b`.
+    """
+    open_tag, close_tag, pos = "<answer>", "</answer>", 0
+    while (start := completion.find(open_tag, pos)) >= 0:
+        end = completion.find(close_tag, start + len(open_tag))
+        if end < 0:
+            return  # no later <answer> can be closed either
+        yield completion[start + len(open_tag) : end]
+        pos = end + len(close_tag)
 
 
 def extract_answer(completion: str) -> str | None:
@@ -45,9 +74,10 @@ def extract_answer(completion: str) -> str | None:
     The last block is taken, as R1-V and Visual-RFT do, so a model that restates its answer is graded on
     its final word.
     """
-    found = _ANSWER.findall(completion)
-    return found[-1].strip() if found else None
-
+    last = None
+    for last in answer_blocks(completion):
+        pass
+    return last.strip() if last is not None else None
 
 
 _PAREN_LETTER = re.compile(r"\(\s*([A-Za-z])\s*\)")

@@ -107,6 +107,15 @@ def test_normalize_answer_reads_geoqa_ground_truths():
     assert normalize_answer("$\\boxed{2\\sqrt{3}}$") == "2\\sqrt{3}"
 
 
+@pytest.mark.parametrize("text", ["answer" + " " * 990 + "x", "1" + " " * 998 + "x", "1" + "$" * 998 + "x"])
+def test_normalize_answer_is_fast_on_whitespace_runs(text):
+    # The unit pattern once had two `\s*` around an optional `\text{`: a 1000-char run of spaces took 10 s.
+    normalize_answer.cache_clear()
+    start = time.perf_counter()
+    normalize_answer(text)
+    assert time.perf_counter() - start < 0.5
+
+
 ADVERSARIAL = [
     "x" * 100_000,
     "<think>" + "9" * 100_000 + "</think><answer>" + "(" * 50_000 + "</answer>",
