@@ -293,7 +293,7 @@ def train(cfg: Config) -> dict:
         if skipped:
             logger.write(f"step {step}: every group had equal rewards; skipped (no optimizer step)")
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
-            log_samples(logger, step, groups, G, cfg.logging.num_samples)
+            log_samples(logger, step, groups, G, cfg.logging.num_samples, advantages, processor.tokenizer)
         if eval_examples is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.train.max_steps)):
             metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg).items()})
         logger.log(step, metrics)
@@ -329,16 +329,46 @@ def evaluate_heldout(task, engine, examples, cfg: Config) -> dict[str, float]:
     return metrics
 
 
-def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: int) -> None:
+def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: int, advantages=None, tokenizer=None) -> None:
+    """Write `count` groups to samples.jsonl: per group the prompt text, `valid`, and per completion its text,
+    reward, reward components, advantage, and its tokens with their sampled log-probs (what the demo's
+    rollout inspector shows). `prompt`, `completions` and `rewards` keep their meaning for older readers."""
+    rollout = groups.rollout
+
+    def token_pieces(ids: list[int]) -> list[str]:
+        # One string per token that together spell the text (special tokens kept). Trap: a byte-level BPE
+        # token can hold part of a UTF-8 character, which decodes alone to U+FFFD; such a token gets "" and
+        # the token that completes the character gets all of it (at most 4 bytes are held back).
+        pieces, start = [], 0
+        for i in range(len(ids)):
+            text = tokenizer.decode(ids[start : i + 1])
+            if text.endswith("\ufffd") and i - start < 3 and i + 1 < len(ids):
+                pieces.append("")
+                continue
+            pieces.append(text)
+            start = i + 1
+        return pieces
+
     rows, images = [], []
     for g in range(min(count, len(groups.examples))):
         span = range(g * group_size, (g + 1) * group_size)
         text = next((item["text"] for m in groups.prompts[g] if isinstance(m["content"], list) for item in m["content"] if item.get("type") == "text"), "")
-        rows.append({
+        row = {
             "prompt": text,
-            "completions": [groups.rollout.texts[i] for i in span],
+            "completions": [rollout.texts[i] for i in span],
             "rewards": [float(groups.rewards[i]) for i in span],
-        })
+            "components": [dict(groups.components[i]) for i in span],
+            "valid": bool(groups.valid[g]),
+            "finish_reasons": [rollout.finish_reasons[i] for i in span],
+        }
+        if advantages is not None:
+            row["advantages"] = [float(advantages[i]) for i in span]
+        if tokenizer is not None:
+            lengths = [int(rollout.response_mask[i].sum()) for i in span]  # generated tokens, EOS included
+            ids = [rollout.completion_ids[i, :n].tolist() for i, n in zip(span, lengths)]
+            row["tokens"] = [token_pieces(seq) for seq in ids]
+            row["logprobs"] = [[round(float(v), 4) for v in rollout.logprobs[i, :n]] for i, n in zip(span, lengths)]
+        rows.append(row)
         found = message_images(groups.prompts[g])
         images.append(found[0] if found else None)
     logger.samples(step, rows, images)
