@@ -10,7 +10,7 @@ import math
 
 from PIL import Image
 
-FACTOR = 28  # patch 14 x spatial merge 2: one merged image token covers 28x28 pixels
+FACTOR = 28  # Qwen2/2.5-VL: patch 14 x spatial merge 2 (Qwen3-VL: 32); processors pass their own
 
 
 def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
@@ -32,23 +32,23 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
     return h, w
 
 
-def resize_for_model(image: Image.Image, min_pixels: int, max_pixels: int) -> Image.Image:
+def resize_for_model(image: Image.Image, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> Image.Image:
     """The RGB image at the size the model sees it (no-op when already there)."""
     image = image.convert("RGB")
-    h, w = smart_resize(image.height, image.width, min_pixels, max_pixels)
+    h, w = smart_resize(image.height, image.width, min_pixels, max_pixels, factor)
     if (h, w) == (image.height, image.width):
         return image
     return image.resize((w, h), Image.BICUBIC)
 
 
-def resize_messages(messages: list[dict], min_pixels: int, max_pixels: int) -> list[dict]:
+def resize_messages(messages: list[dict], min_pixels: int, max_pixels: int, factor: int = FACTOR) -> list[dict]:
     """A copy of chat messages with every image resized by `resize_for_model`."""
     out = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
             content = [
-                {**item, "image": resize_for_model(item["image"], min_pixels, max_pixels)}
+                {**item, "image": resize_for_model(item["image"], min_pixels, max_pixels, factor)}
                 if item.get("type") == "image"
                 else item
                 for item in content

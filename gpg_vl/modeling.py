@@ -1,185 +1,29 @@
-"""The one way gpg-vl loads a policy and its processor: a hub id, a local folder, or a built-in tiny preset.
+"""The one way gpg-vl loads a policy: a hub id, a local folder, or a built-in preset, with its processor.
 
-`VLProcessor` turns chat messages with images into model inputs with one code path that works with and
-without torchvision (transformers' own Qwen2VLProcessor cannot be built without it), so no global patch
-is needed anywhere.
+`load_policy` reads everything from `ModelConfig`: the weights' dtype, the attention kernel (flash-attn falls
+back to sdpa with a warning when it is missing), the pixel budget (resolved once, carried on the processor),
+a frozen vision tower, gradient checkpointing and LoRA adapters (`gpg_vl.lora`). Built-in presets are built
+by `gpg_vl.builtin`; this module only loads folders.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer, BatchFeature
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 from gpg_vl import hub
-from gpg_vl.images import message_images
+from gpg_vl.builtin import BUILTIN_PREFIX, BUILTINS, ModelLoadError, cache_dir, resolve_model_path
+from gpg_vl.processor import VISION_TOKENS, VLProcessor, image_processor_class, load_processor, save_processor
 
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-BUILTIN_PREFIX = "builtin:"
-# builtin presets: name -> (arch, size preset, format warm-up on the shapes task?)
-BUILTINS = {
-    "tiny": ("qwen2_vl", "tiny", False),
-    "tiny-warm": ("qwen2_vl", "tiny", True),
-    "tiny-qwen2_5_vl": ("qwen2_5_vl", "tiny", False),
-    "small-20m": ("qwen2_vl", "small-20m", False),
-}
-KIT_VERSION = "2"  # bump when the tiny kit changes, so stale caches are rebuilt
-
-
-class ModelLoadError(RuntimeError):
-    """A model or processor that cannot be found or read."""
-
-
-def image_processor_class():
-    """Qwen2-VL's torchvision image processor when torchvision imports, else the PIL one."""
-    from transformers.utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import Qwen2VLImageProcessor
-
-        return Qwen2VLImageProcessor
-    from transformers import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil
-
-
-@dataclass
-class VLProcessor:
-    """Tokenizer + image processor: chat messages -> input_ids, attention_mask, pixel_values, image_grid_thw,
-    mm_token_type_ids. Images must already be resized by `gpg_vl.images.resize_for_model`.
-    """
-
-    tokenizer: object
-    image_processor: object
-    min_pixels: int = 56 * 56  # the image budget every image is resized into (gpg_vl.images)
-    max_pixels: int = 28 * 28 * 1280
-
-    @property
-    def image_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        # Qwen instruct models end a turn with <|im_end|>; base models with <|endoftext|>. Both stop generation.
-        ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
-        return sorted(i for i in ids if i is not None and i >= 0)
-
-    @property
-    def suppressed_token_ids(self) -> list[int]:
-        """Vision special tokens a policy must never emit (a sampled <|image_pad|> breaks the next forward).
-
-        Rollouts ban them and the training forward masks them too, so both score the same distribution.
-        """
-        ids = (self.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS)
-        return sorted(i for i in ids if i is not None and i >= 0)
-
-    def render(self, messages: list[dict]) -> str:
-        """Chat-template text; a final assistant message is continued rather than closed."""
-        continue_final = messages[-1]["role"] == "assistant"
-        return self.tokenizer.apply_chat_template(
-            messages,
-            tokenize=False,
-            add_generation_prompt=not continue_final,
-            continue_final_message=continue_final,
-        )
-
-    def __call__(self, batch: list[list[dict]], padding_side: str = "left") -> BatchFeature:
-        """Encode a batch of conversations (left padding for generation)."""
-        texts = [self.render(m) for m in batch]
-        images = [img for m in batch for img in message_images(m)]
-        out = {}
-        if images:
-            vision = self.image_processor(images=images, return_tensors="pt")
-            out["pixel_values"], out["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
-            # Each <|image_pad|> stands for (t*h*w)/merge^2 tokens; expand it so the text matches the features.
-            merge = self.image_processor.merge_size**2
-            counts = iter((out["image_grid_thw"].prod(-1) // merge).tolist())
-            texts = [_expand(t, "<|image_pad|>", counts) for t in texts]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=padding_side)
-        out["input_ids"], out["attention_mask"] = enc["input_ids"], enc["attention_mask"]
-        # The model needs mm_token_type_ids (1 on image tokens) whenever it gets pixel_values.
-        out["mm_token_type_ids"] = (enc["input_ids"] == self.image_token_id).long()
-        return BatchFeature(out)
-
-    def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def resize(self, messages: list[dict]) -> list[dict]:
-        """Messages with every image resized into this processor's pixel budget."""
-        from gpg_vl.images import resize_messages
-
-        return resize_messages(messages, self.min_pixels, self.max_pixels)
-
-    def save_pretrained(self, path: str | Path) -> None:
-        save_processor(path, self.tokenizer, self.image_processor)
-
-
-def _expand(text: str, token: str, counts) -> str:
-    parts = text.split(token)
-    return "".join(p + (token * next(counts) if i < len(parts) - 1 else "") for i, p in enumerate(parts))
-
-
-def save_processor(path: str | Path, tokenizer, image_processor) -> None:
-    """Save tokenizer (with chat template) and image processor so AutoProcessor and `load_processor` read them."""
-    tokenizer.save_pretrained(path)
-    image_processor.save_pretrained(path)
-
-
-def load_processor(
-    path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None, local_files_only: bool = False
-) -> VLProcessor:
-    """Tokenizer + image processor of a model folder or hub id, with the pixel budget set.
-
-    A budget left as None is the one saved with the model, so a checkpoint is evaluated and demoed on
-    images of the size it was trained on.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
-    tokenizer.padding_side = "left"
-    image_processor = image_processor_class().from_pretrained(path, local_files_only=local_files_only)
-    size = dict(getattr(image_processor, "size", None) or {})
-    min_pixels = min_pixels or size.get("shortest_edge") or getattr(image_processor, "min_pixels", None) or 56 * 56
-    max_pixels = max_pixels or size.get("longest_edge") or getattr(image_processor, "max_pixels", None) or 28 * 28 * 1280
-    if min_pixels > max_pixels:
-        raise ValueError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
-    # saved with checkpoints, so the budget travels with the model
-    image_processor.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
-        if hasattr(image_processor, name):
-            setattr(image_processor, name, value)
-    return VLProcessor(tokenizer, image_processor, min_pixels, max_pixels)
-
-
-def cache_dir() -> Path:
-    """Where built-in presets are built once and reused ($GPG_VL_CACHE, default ~/.cache/gpg-vl)."""
-    return Path(os.environ.get("GPG_VL_CACHE", Path.home() / ".cache" / "gpg-vl"))
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A loadable folder or hub id; `builtin:<preset>` is built (and cached) on first use."""
-    if not name_or_path.startswith(BUILTIN_PREFIX):
-        return name_or_path
-    preset = name_or_path[len(BUILTIN_PREFIX) :]
-    if preset not in BUILTINS:
-        raise ModelLoadError(f"unknown built-in model {name_or_path!r}; choose one of {', '.join(BUILTIN_PREFIX + k for k in BUILTINS)}")
-    arch, size, warm = BUILTINS[preset]
-    folder = cache_dir() / f"{preset}-v{KIT_VERSION}"
-    if not (folder / "config.json").exists():
-        from gpg_vl.tiny import make_tiny
-
-        if warm:
-            from gpg_vl.warmup import make_format_warm
-
-            make_format_warm(folder, base=resolve_model_path(BUILTIN_PREFIX + "tiny"))
-        else:
-            make_tiny(folder, arch=arch, preset=size)
-    return str(folder)
+__all__ = [
+    "BUILTINS", "BUILTIN_PREFIX", "ModelLoadError", "VISION_TOKENS", "VLProcessor", "cache_dir", "check_model_source",
+    "describe_parameters", "image_processor_class", "load_policy", "load_processor", "resolve_attn_implementation",
+    "resolve_model_path", "save_processor", "torch_dtype", "vision_tower",
+]
 
 
 def _advice(path: str) -> str:
@@ -202,7 +46,7 @@ def check_model_source(path: str) -> bool:
 
 
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on CUDA and float32 on the CPU."""
+    """`auto` is bfloat16 on CUDA and float32 on the CPU (for inference; training keeps fp32 masters then)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
@@ -211,8 +55,24 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16; got {name!r}") from None
 
 
-def load_policy(model_cfg, device: torch.device | str = "cpu"):
-    """(model, processor) for a `ModelConfig`: hub id, local folder or builtin preset, on `device`."""
+def resolve_attn_implementation(name: str) -> str:
+    """`flash_attention_2` only when flash-attn is importable (it is not a dependency); else sdpa, said once."""
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        warnings.warn(
+            "model.attn_implementation=flash_attention_2 but flash-attn is not installed; using sdpa "
+            "(`pip install flash-attn` on a CUDA machine to use it)",
+            stacklevel=2,
+        )
+        return "sdpa"
+    return name
+
+
+def load_policy(model_cfg, device: torch.device | str = "cpu", weights_dtype: torch.dtype | None = None):
+    """(model, processor) for a `ModelConfig`: hub id, local folder or builtin preset, on `device`.
+
+    `weights_dtype` overrides `model_cfg.dtype` (the trainer keeps fp32 masters under bf16 autocast).
+    With `model_cfg.lora.r > 0` the model comes back as a peft model with fresh adapters.
+    """
     device = torch.device(device)
     path = resolve_model_path(model_cfg.name_or_path)
     local = Path(path).expanduser()
@@ -225,8 +85,8 @@ def load_policy(model_cfg, device: torch.device | str = "cpu"):
         AutoConfig.from_pretrained(path, local_files_only=local_only)  # fails fast, before any weight download
         model = AutoModelForImageTextToText.from_pretrained(
             path,
-            dtype=torch_dtype(model_cfg.dtype, device),
-            attn_implementation=model_cfg.attn_implementation,
+            dtype=weights_dtype or torch_dtype(model_cfg.dtype, device),
+            attn_implementation=resolve_attn_implementation(model_cfg.attn_implementation),
             local_files_only=local_only,
         )
         processor = load_processor(path, model_cfg.min_pixels, model_cfg.max_pixels, local_files_only=local_only)
@@ -236,20 +96,46 @@ def load_policy(model_cfg, device: torch.device | str = "cpu"):
         raise ModelLoadError(
             f"could not load model {path!r}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}\n{_advice(path)}"
         ) from None
+    if not processor.tokenizer.chat_template:
+        raise ModelLoadError(
+            f"the tokenizer of {path!r} has no chat template (a base model?). Copy the Instruct model's template "
+            "into its folder, e.g. `huggingface-cli download Qwen/Qwen2-VL-2B-Instruct chat_template.json "
+            "tokenizer_config.json --local-dir DIR` (as VisualThinker's prepare_2B_base.sh does), then set "
+            "model.name_or_path=DIR"
+        )
     model.to(device)
     if model_cfg.freeze_vision:
-        for p in vision_tower(model).parameters():
-            p.requires_grad_(False)
+        vision_tower(model).requires_grad_(False)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    lora = getattr(model_cfg, "lora", None)
+    if lora is not None and lora.r:
+        from gpg_vl.lora import add_lora
+
+        model = add_lora(model, lora)
     return model, processor
 
 
 def vision_tower(model) -> torch.nn.Module:
-    """The ViT of a Qwen2-VL / Qwen2.5-VL model (its attribute path moved between transformers versions)."""
-    inner = getattr(model, "model", model)
-    for name in ("visual", "vision_tower"):
-        if hasattr(inner, name):
-            return getattr(inner, name)
-    raise AttributeError(f"{type(model).__name__} has no vision tower attribute")
+    """The ViT of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL model (its attribute path moved between versions)."""
+    inner = model
+    while not hasattr(inner, "visual") and not hasattr(inner, "vision_tower"):
+        if not hasattr(inner, "model"):
+            raise AttributeError(f"{type(model).__name__} has no vision tower attribute")
+        inner = inner.model  # PeftModel.base_model.model ... -> Qwen2VLModel
+    return getattr(inner, "visual", None) or getattr(inner, "vision_tower")
+
+
+def describe_parameters(model, optimizer_name: str) -> str:
+    """One start-up line: trainable and total parameter counts, weight dtype and optimizer-state dtype."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = [p for p in params if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    weight_dtype = str(trainable[0].dtype if trainable else params[0].dtype).replace("torch.", "")
+    state = "8-bit" if optimizer_name == "adamw_8bit" else weight_dtype
+    return (
+        f"parameters: {n_train / 1e6:,.2f}M trainable of {total / 1e6:,.2f}M ({100 * n_train / max(total, 1):.1f}%); "
+        f"weights {weight_dtype}, optimizer {optimizer_name} with {state} state"
+    )

@@ -16,10 +16,10 @@ import torch
 
 from gpg_vl.logprobs import compute_token_logprobs
 from gpg_vl.parsing import format_ok
+from gpg_vl.processor import load_processor
 from gpg_vl.rollout.base import SamplingParams
 from gpg_vl.rollout.hf import HFEngine
 
-PIXELS = (56 * 56, 112 * 112)  # the tiny kit's image budget
 
 
 def _targets(rng: random.Random, n: int) -> list[str]:
@@ -37,14 +37,16 @@ def make_format_warm(
     check_every: int = 25,
 ) -> Path:
     """Warm `base` up on the format and save it to `out_dir` (atomically). Prints progress."""
+    from transformers import AutoModelForImageTextToText
+
     from gpg_vl.checkpoint import atomic_dir
-    from gpg_vl.config import ModelConfig
-    from gpg_vl.modeling import load_policy
     from gpg_vl.registry import get_task
+    from gpg_vl.tiny import TINY_PIXELS
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model, processor = load_policy(ModelConfig(name_or_path=base, min_pixels=PIXELS[0], max_pixels=PIXELS[1]))
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    processor = load_processor(base, *TINY_PIXELS)
     task = get_task("shapes", questions=["color", "shape"])
     examples = task.load("synthetic:512", split="warmup")
     engine = HFEngine(model, processor, batch_size=64)

@@ -1,0 +1,52 @@
+"""Built-in model presets (`builtin:<name>`): built once from the offline kit, then cached and loaded like a folder.
+
+This module sits above the kit (`tiny`, `warmup`) and below model loading (`modeling`), so neither imports
+the other back: `modeling.load_policy` asks here for a folder and never builds anything itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUILTIN_PREFIX = "builtin:"
+# name -> (arch, size preset, format warm-up on the shapes task?)
+BUILTINS = {
+    "tiny": ("qwen2_vl", "tiny", False),
+    "tiny-warm": ("qwen2_vl", "tiny", True),
+    "tiny-qwen2_5_vl": ("qwen2_5_vl", "tiny", False),
+    "tiny-qwen3_vl": ("qwen3_vl", "tiny", False),
+    "small-20m": ("qwen2_vl", "small-20m", False),
+    "2b-shape": ("qwen2_vl", "2b-shape", False),
+}
+KIT_VERSION = "2"  # bump when the tiny kit changes, so stale caches are rebuilt
+
+
+class ModelLoadError(RuntimeError):
+    """A model or processor that cannot be found or read."""
+
+
+def cache_dir() -> Path:
+    """Where built-in presets are built once and reused ($GPG_VL_CACHE, default ~/.cache/gpg-vl)."""
+    return Path(os.environ.get("GPG_VL_CACHE", Path.home() / ".cache" / "gpg-vl"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A loadable folder or hub id; `builtin:<preset>` is built (and cached) on first use."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    preset = name_or_path[len(BUILTIN_PREFIX) :]
+    if preset not in BUILTINS:
+        raise ModelLoadError(f"unknown built-in model {name_or_path!r}; choose one of {', '.join(BUILTIN_PREFIX + k for k in BUILTINS)}")
+    arch, size, warm = BUILTINS[preset]
+    folder = cache_dir() / f"{preset}-v{KIT_VERSION}"
+    if not (folder / "config.json").exists():
+        if warm:
+            from gpg_vl.warmup import make_format_warm
+
+            make_format_warm(folder, base=resolve_model_path(BUILTIN_PREFIX + "tiny"))
+        else:
+            from gpg_vl.tiny import make_tiny
+
+            make_tiny(folder, arch=arch, preset=size)
+    return str(folder)
