@@ -1,5 +1,7 @@
-"""The vLLM rollout engine without vLLM: its pure helpers and its call order, driven by fake vLLM objects on the
-CPU. One GPU test (generate, sync, log-probs follow the new weights) runs only where CUDA and vllm import."""
+"""The vLLM rollout engine without vLLM: its pure helpers, and its call order against `RecordingLLM`, a recorder
+whose every method and argument tests/test_vllm_api.py checks against the real `vllm.LLM` source (so it cannot
+drift into a private idea of vLLM). One GPU test (generate, sync, log-probs follow the new weights) runs only
+where CUDA and vllm import."""
 
 import importlib.util
 import os
@@ -39,7 +41,7 @@ def image_prompt(*sizes, text="Which colour?"):
 def test_requests_carry_resized_images_and_one_placeholder_per_image(policy):
     _, processor, _ = policy
     prompts = [image_prompt((60, 90)), image_prompt((200, 40), (30, 30)), [{"role": "user", "content": "no image"}]]
-    requests = vl.build_requests(processor, prompts, MIN_PX, MAX_PX)
+    requests = vl.build_requests(processor, prompts)
     one, two, text_only = requests
     h, w = smart_resize(90, 60, MIN_PX, MAX_PX)
     assert [im.size for im in one["multi_modal_data"]["image"]] == [(w, h)]  # resized by the training rule
@@ -52,7 +54,7 @@ def test_requests_carry_resized_images_and_one_placeholder_per_image(policy):
 def test_requests_refuse_more_images_than_the_engine_was_built_for(policy):
     _, processor, _ = policy
     with pytest.raises(ValueError, match="max_images_per_prompt"):
-        vl.build_requests(processor, [image_prompt((56, 56), (56, 56))], MIN_PX, MAX_PX, max_images=1)
+        vl.build_requests(processor, [image_prompt((56, 56), (56, 56))], max_images=1)
 
 
 # ---- sampling parameters --------------------------------------------------------------------------------
@@ -154,8 +156,9 @@ def test_version_range():
 
 
 def test_llm_kwargs_colocate_in_process_and_pass_the_pixel_budget():
-    cfg = ModelConfig(min_pixels=MIN_PX, max_pixels=MAX_PX)
-    kw = vl.build_llm_kwargs("/m", RolloutConfig(vllm_gpu_memory_utilization=0.25, batch_size=32), cfg, 2, False, {"enforce_eager": True})
+    cfg = ModelConfig()  # min/max_pixels None: the budget comes from the processor, never from here
+    rollout = RolloutConfig(vllm_gpu_memory_utilization=0.25, batch_size=32)
+    kw = vl.build_llm_kwargs("/m", rollout, cfg, (MIN_PX, MAX_PX), 2, False, {"enforce_eager": True})
     assert kw["mm_processor_kwargs"] == {"min_pixels": MIN_PX, "max_pixels": MAX_PX}
     assert kw["limit_mm_per_prompt"] == {"image": 2} and kw["gpu_memory_utilization"] == 0.25 and kw["max_num_seqs"] == 32
     assert kw["distributed_executor_backend"] == "external_launcher" and kw["logprobs_mode"] == "processed_logprobs"
@@ -179,41 +182,47 @@ def test_without_vllm_the_engine_says_how_to_install_it(policy, monkeypatch):
         make_engine("vllm", model, processor, RolloutConfig(), cfg)
 
 
-# ---- the engine's call order, against a fake vLLM -------------------------------------------------------
+# ---- the engine's call order, against a recorder of the real LLM's surface ----------------------------------
 
 
-class FakeLLM:
-    """Records what the engine asks of vLLM; samples [A, EOS] for even and [A, B, C] (length) for odd k."""
+class RecordingLLM:
+    """Records what the engine asks of `vllm.LLM`; samples [A, EOS] for even and [A, B, C] (length) for odd k.
 
-    def __init__(self, **kwargs):
-        self.kwargs, self.calls, self.loaded = kwargs, [], {}
+    Only methods and arguments the real `LLM` has (tests/test_vllm_api.py checks each one against the wheel's
+    source): `apply_model(fn)` calls `fn` on the model, as vLLM's in-process worker does.
+    """
+
+    def __init__(self, model=None, **kwargs):
+        self.kwargs, self.calls, self.loaded = {"model": model, **kwargs}, [], {}
         self.env_rank = os.environ.get("RANK")
-        model = SimpleNamespace(load_weights=self._load)
-        runner = SimpleNamespace(model=model)
-        self.llm_engine = SimpleNamespace(
-            model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)),
-            reset_encoder_cache=lambda: self.calls.append("reset_encoder_cache"),
-        )
+        self._model = SimpleNamespace(load_weights=self._load)
+        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: self.calls.append("reset_encoder_cache"))
 
     def _load(self, weights):
         self.calls.append("load_weights")
         self.loaded = {n: t.clone() for n, t in weights}
+        return set(self.loaded)
 
-    def reset_prefix_cache(self):
+    def apply_model(self, func):
+        return [func(self._model)]
+
+    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
         self.calls.append("reset_prefix_cache")
+        return True
 
     def reset_mm_cache(self):
         self.calls.append("reset_mm_cache")
 
-    def sleep(self, level):
+    def sleep(self, level=1, mode="abort"):
         self.calls.append(f"sleep{level}")
 
     def wake_up(self, tags=None):
         self.calls.append("wake:" + ",".join(sorted(tags)))
+        return True
 
-    def generate(self, requests, sampling_params, use_tqdm=True):
+    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None):
         self.calls.append("generate")
-        self.requests, self.sampling = requests, sampling_params
+        self.requests, self.sampling = prompts, sampling_params
         eos = 505
         def sample(k):
             if k % 2 == 0:
@@ -227,7 +236,7 @@ class FakeLLM:
 def fake_vllm(monkeypatch):
     module = types.ModuleType("vllm")
     module.__version__ = "0.25.1"
-    module.LLM = FakeLLM
+    module.LLM = RecordingLLM
     module.SamplingParams = lambda **kwargs: SimpleNamespace(kwargs=kwargs)
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.delenv("RANK", raising=False)  # as in a single process, not under torchrun
@@ -277,12 +286,20 @@ def test_sleeping_engine_wakes_weights_before_loading_and_sleeps_after_sampling(
                          "wake:kv_cache", "generate", "sleep1"]
 
 
-def test_push_weights_warns_when_vllm_cannot_reset_its_encoder_cache():
-    llm = FakeLLM()
-    del llm.llm_engine.reset_encoder_cache
-    with pytest.warns(UserWarning, match="reset_encoder_cache"):
-        vl.push_weights(llm, [("lm_head.weight", torch.ones(1))])
-    assert llm.calls[:2] == ["load_weights", "reset_prefix_cache"]
+def test_pixel_budget_saved_with_the_model_reaches_vllm_and_the_requests(tiny_model_dir, fake_vllm):
+    # The default: no min/max_pixels in the config, so the budget is the model folder's, read by the processor.
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    model, processor = load_policy(cfg)
+    assert cfg.min_pixels is None and cfg.max_pixels is None
+    budget = (processor.min_pixels, processor.max_pixels)
+    assert all(isinstance(v, int) and v > 0 for v in budget)
+    engine = make_engine("vllm", model, processor, RolloutConfig(), cfg)
+    assert engine.llm.kwargs["mm_processor_kwargs"] == {"min_pixels": budget[0], "max_pixels": budget[1]}
+    prompt = image_prompt((700, 50))  # far outside any budget: resizing must happen, by the processor's rule
+    engine.generate([prompt], SamplingParams(n=2, max_new_tokens=4, seed=0))
+    sent = engine.llm.requests[0]["multi_modal_data"]["image"]
+    hf_sees = [item["image"] for m in processor.resize(prompt) for item in m["content"] if item.get("type") == "image"]
+    assert [im.size for im in sent] == [im.size for im in hf_sees] != [(700, 50)]  # what the HF engine feeds
 
 
 # ---- the real thing, where CUDA and vllm exist -----------------------------------------------------------
@@ -291,7 +308,6 @@ def test_push_weights_warns_when_vllm_cannot_reset_its_encoder_cache():
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("vllm")), reason="needs CUDA and vllm")
 def test_vllm_generates_and_follows_synced_weights(tiny_model_dir):
-    from gpg_vl.images import resize_messages
     from gpg_vl.logprobs import compute_token_logprobs
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir), min_pixels=MIN_PX, max_pixels=MAX_PX)  # bfloat16 on CUDA
@@ -302,7 +318,7 @@ def test_vllm_generates_and_follows_synced_weights(tiny_model_dir):
     params = SamplingParams(n=2, max_new_tokens=12, seed=0)
 
     def teacher_forced(r):
-        batch = [resize_messages(prompts[i], MIN_PX, MAX_PX) for i in r.prompt_indices]
+        batch = [processor.resize(prompts[i]) for i in r.prompt_indices]
         with torch.no_grad():
             inputs = processor(batch).to("cuda")
             return compute_token_logprobs(model, inputs, r.completion_ids, r.response_mask, 1.0, processor.suppressed_token_ids).cpu()

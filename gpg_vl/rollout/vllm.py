@@ -1,10 +1,10 @@
 """Rollouts with vLLM, colocated on the trainer's GPU. The only module that imports vllm, and only lazily.
 
 Coded against vLLM >=0.20,<0.34 (0.20 is the first release whose pins admit transformers 5; 0.33.0 is the
-newest on the registry). NOT run against a real vLLM: no GPU and no usable CUDA wheel where it was written.
-Unit-tested on the CPU with fake vLLM objects (tests/test_rollout_vllm.py): requests, sampling kwargs, outputs
--> `Rollout`, HF -> vLLM weight names, and the engine's call order (first sync, greedy fan-out, per-prompt
-seeds, sleep/wake, cache resets). The GPU test there runs only where CUDA and vllm both import.
+newest on the registry). Checked against the real source of 0.20.0 and 0.33.0 without importing it
+(tests/test_vllm_api.py reads the wheels with `ast`): every `LLM` argument, `SamplingParams` field, prompt and
+output field, method, sleep tag and weight-name prefix used here exists there. NOT yet run on a GPU: the
+integration test in tests/test_rollout_vllm.py runs only where CUDA and vllm both import.
 
 Traps handled: images are resized by our rule and the prompt keeps ONE unexpanded `<|image_pad|>` per image
 (HF-expanded ids can disagree with vLLM's own preprocessing, TRL issue 6401); log-probs are "processed"
@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from gpg_vl.images import message_images, resize_messages
+from gpg_vl.images import message_images
 from gpg_vl.rollout.base import Rollout, SamplingParams
 
 VLLM_RANGE = ("0.20", "0.34")  # [lowest, first unsupported): keep equal to the `vllm` extra in pyproject.toml
@@ -41,17 +41,16 @@ WRAPPER_SEGMENTS = ("_orig_mod", "_checkpoint_wrapped_module")
 # ---------------------------------------------------------------------------------------------------------
 
 
-def build_requests(
-    processor, prompts: list[list[dict]], min_pixels: int, max_pixels: int, max_images: int | None = None
-) -> list[dict]:
+def build_requests(processor, prompts: list[list[dict]], max_images: int | None = None) -> list[dict]:
     """One vLLM prompt dict per conversation: chat text with one `<|image_pad|>` per image, and the resized images.
 
     vLLM expands each placeholder itself from the image it is given; the images are already at the size the
-    training forward sees (same `smart_resize`), so vLLM's processor, given the same min/max pixels, keeps them.
+    training forward sees (`processor.resize`, the HF engine's rule), so vLLM's processor, given the same
+    min/max pixels (`build_llm_kwargs`), keeps them.
     """
     requests = []
     for i, messages in enumerate(prompts):
-        resized = resize_messages(messages, min_pixels, max_pixels)
+        resized = processor.resize(messages)
         text = processor.render(resized)
         images = message_images(resized)
         if text.count(IMAGE_PLACEHOLDER) != len(images):
@@ -159,8 +158,15 @@ def version_supported(version: str) -> bool:
     return Version(VLLM_RANGE[0]).release <= v < Version(VLLM_RANGE[1]).release
 
 
-def build_llm_kwargs(model_path: str, rollout_cfg, model_cfg, max_images: int, sleep: bool, overrides: dict | None = None) -> dict:
-    """Keyword arguments of `vllm.LLM` for an engine colocated with the trainer on one GPU."""
+def build_llm_kwargs(
+    model_path: str, rollout_cfg, model_cfg, pixels: tuple[int, int], max_images: int, sleep: bool, overrides: dict | None = None
+) -> dict:
+    """Keyword arguments of `vllm.LLM` for an engine colocated with the trainer on one GPU.
+
+    `pixels` is the loaded processor's (min_pixels, max_pixels): `model_cfg.min_pixels`/`max_pixels` are None
+    whenever the budget comes from the model folder (the default), and vLLM must resize by the same numbers.
+    """
+    min_pixels, max_pixels = pixels
     return {
         "model": model_path,
         # model.dtype=auto trains in bfloat16 on CUDA (modeling.torch_dtype); vLLM's own "auto" reads the config
@@ -174,7 +180,7 @@ def build_llm_kwargs(model_path: str, rollout_cfg, model_cfg, max_images: int, s
         # log-probs of the distribution actually sampled from (after logit bias, temperature, top-k/top-p)
         "logprobs_mode": "processed_logprobs",
         "limit_mm_per_prompt": {"image": max_images},
-        "mm_processor_kwargs": {"min_pixels": model_cfg.min_pixels, "max_pixels": model_cfg.max_pixels},
+        "mm_processor_kwargs": {"min_pixels": min_pixels, "max_pixels": max_pixels},
         "enable_sleep_mode": sleep,
         "seed": 0,
         **(overrides or {}),
@@ -221,23 +227,18 @@ def import_vllm():
 def push_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     """Load (HF name, tensor) pairs into the colocated vLLM model in place, then drop what the old weights computed.
 
-    Version-specific: the attribute path to the model is vLLM-internal. It is the one TRL's colocate mode uses
-    with vLLM 0.17-0.25.1, and recent vLLM's own v1 LLMEngine walks it too; it needs the in-process engine
-    that `distributed_executor_backend="external_launcher"` gives. If a vLLM release moves it, this is the only
-    function to change.
+    `LLM.apply_model(fn)` runs `fn(worker.get_model())` in every worker; with the in-process engine that
+    `distributed_executor_backend="external_launcher"` gives, that is a plain call in this process, so the
+    generator of tensors is never pickled. `get_model()` unwraps vLLM's CUDA-graph wrappers, which the
+    attribute path `llm_engine.model_executor.driver_worker.model_runner.model` (TRL's) does not.
+    `reset_encoder_cache` is on the engine, not on `LLM`, in every release of the range (0.20.0 to 0.33.0).
     """
-    model = llm.llm_engine.model_executor.driver_worker.model_runner.model
-    model.load_weights(weights)
+    llm.apply_model(lambda model: model.load_weights(weights))
     llm.reset_prefix_cache()  # KV blocks of prompts run through the old weights
     # The encoder cache keys image embeddings by image hash alone: without a reset, an image seen before the
     # sync would reuse the old vision tower's embedding.
-    engine = llm.llm_engine
-    if hasattr(engine, "reset_encoder_cache"):
-        engine.reset_encoder_cache()
-    else:
-        warnings.warn("this vLLM has no reset_encoder_cache: repeated images may reuse embeddings of the old weights", stacklevel=2)
-    if hasattr(llm, "reset_mm_cache"):
-        llm.reset_mm_cache()  # preprocessed images; weight-independent, but it grows every step unless cleared
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_mm_cache()  # preprocessed images; weight-independent, but it grows every step unless cleared
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,12 +266,12 @@ class VLLMEngine:
         from gpg_vl.modeling import resolve_model_path
 
         self.processor = processor
-        self.min_pixels, self.max_pixels = model_cfg.min_pixels, model_cfg.max_pixels
         self.max_images = max_images_per_prompt
         self.sleep = sleep
         self._sampling_params = vllm.SamplingParams
         path = resolve_model_path(model_cfg.name_or_path)
-        kwargs = build_llm_kwargs(path, rollout_cfg, model_cfg, max_images_per_prompt, sleep, llm_kwargs)
+        pixels = (processor.min_pixels, processor.max_pixels)  # the budget the policy was loaded with
+        kwargs = build_llm_kwargs(path, rollout_cfg, model_cfg, pixels, max_images_per_prompt, sleep, llm_kwargs)
         device = next(model.parameters()).device
         with launcher_env(device.index if device.index is not None else 0):
             self.llm = vllm.LLM(**kwargs)
@@ -287,7 +288,7 @@ class VLLMEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> Rollout:
-        requests = build_requests(self.processor, prompts, self.min_pixels, self.max_pixels, self.max_images)
+        requests = build_requests(self.processor, prompts, self.max_images)
         copies = params.n if params.greedy else 1  # greedy: n identical requests of one sample each
         requests = [r for r in requests for _ in range(copies)]
         base = build_sampling_kwargs(params, self.processor.suppressed_token_ids, self.processor.eos_token_ids)
