@@ -107,6 +107,13 @@ class Task:
 
         return extract_answer(self.full_completion(completion))
 
+    def is_correct(self, reward: RewardOutput, example: dict) -> bool | None:
+        """Whether a scored completion counts as right (records' `correct`, pass@k): the `accuracy` component
+        is 1; None when the task reports no accuracy (then there is no pass@k)."""
+        if "accuracy" not in reward.components:
+            return None
+        return reward.components["accuracy"] >= 1.0
+
     def example_id(self, example: dict, index: int) -> str:
         """A stable id for records and resumable evaluation."""
         for key in ("id", "idx", "image_id"):

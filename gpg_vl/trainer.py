@@ -25,7 +25,7 @@ from accelerate import Accelerator
 
 from gpg_vl import algorithms
 from gpg_vl.checkpoint import CHECKPOINT_PREFIX, load_trainer_state, resolve_resume, save_checkpoint
-from gpg_vl.config import Config, load_config
+from gpg_vl.config import LR_SCHEDULES, Config, load_config
 from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.images import message_images
 from gpg_vl.logger import RunLogger
@@ -72,8 +72,8 @@ def run(args) -> int:
 def make_scheduler(optimizer, cfg: Config):
     """Linear warmup, then constant / linear / cosine decay to zero at max_steps."""
     warmup, total, kind = cfg.optim.warmup_steps, max(1, cfg.train.max_steps), cfg.optim.lr_schedule
-    if kind not in ("constant", "linear", "cosine"):
-        raise ValueError(f"optim.lr_schedule must be constant, linear or cosine; got {kind!r}")
+    if kind not in LR_SCHEDULES:  # the config checks it; this guards a Config built in code
+        raise ValueError(f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {kind!r}")
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -152,7 +152,7 @@ def train(cfg: Config) -> dict:
     model, processor = load_policy(model_cfg, accelerator.device)
     task.configure_images(processor.min_pixels, processor.max_pixels)  # e.g. RefCOCO maps boxes back with it
     ref_model = None
-    if algo.name == "grpo" and algo.kl_coef > 0:  # GPG never loads a reference model
+    if algo.kl_coef > 0:  # only algorithms registered with kl_coef accept it (GPG never loads a reference)
         ref_model, _ = load_policy(cfg.model, accelerator.device)
         ref_model.eval().requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -183,14 +183,14 @@ def train(cfg: Config) -> dict:
         return int(t)
 
     def sampling(step: int):
-        # A fixed seed per (step, attempt, rank) makes rollouts reproducible across resume.
-        return lambda attempt: SamplingParams(
+        # A fixed seed per (step, rank) makes rollouts reproducible across resume; collect_groups adds 7 per extra round.
+        return SamplingParams(
             n=G,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
             top_k=cfg.rollout.top_k,
             max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=cfg.train.seed * 1_000_003 + step * 101 + attempt * 7 + rank,
+            seed=cfg.train.seed * 1_000_003 + step * 101 + rank,
         )
 
     logger = RunLogger(cfg, out_dir, accelerator.is_main_process, cfg.train.max_steps, start_step)
@@ -208,8 +208,8 @@ def train(cfg: Config) -> dict:
 
         # ==== 1. rollout + reward, resampling below the valid-group threshold (beta_th) ====
         groups = collect_groups(
-            task, engine, train_examples, sampler, cfg.train.prompts_per_step, sampling(step),
-            algo.min_valid_fraction, algo.max_resample_attempts, processor.pad_token_id, all_reduce_sum,
+            task, engine, train_examples, sampler, algo, sampling(step),
+            prompts_per_step=cfg.train.prompts_per_step, pad_id=processor.pad_token_id, all_reduce_sum=all_reduce_sum,
         )
         rollout = groups.rollout
         t_rollout = time.time() - t0

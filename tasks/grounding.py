@@ -131,6 +131,10 @@ class _BoxTask(Task):
             raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
         return grounding_metrics([self.score(c, ex).components["iou"] for ex, c in zip(examples, completions)])
 
+    def is_correct(self, reward: RewardOutput, example: dict) -> bool | None:
+        """Right when the box overlaps the ground truth with IoU > 0.5 (the acc@0.5 the grounding papers report)."""
+        return reward.components["iou"] > 0.5
+
     def parse_answer(self, completion: str) -> str | None:
         """The answer's box as written, `x1,y1,x2,y2` in the model's frame; None when there is none."""
         box = self._raw_box(self.full_completion(completion))

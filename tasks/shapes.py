@@ -87,14 +87,14 @@ class ShapesTask(Task):
             return self.conversation([example["image"]], self.prompt_text(example))
         return self.conversation([example["image"]], f"{self.prompt_text(example)}\n{THINK_ANSWER_INSTRUCTION}")
 
-    def is_correct(self, completion: str, example: dict) -> bool:
+    def answers_right(self, completion: str, example: dict) -> bool:
         answer = extract_answer(self.full_completion(completion))
         truth = LETTERS.index(example["answer"].strip("()"))
         return answer is not None and match_choice(answer, example["choices"]) == truth
 
     def score(self, completion: str, example: dict) -> RewardOutput:
         fmt = float(format_ok(self.full_completion(completion)))
-        acc = float(self.is_correct(completion, example))
+        acc = float(self.answers_right(completion, example))
         return RewardOutput(total=fmt + acc, components={"format": fmt, "accuracy": acc})
 
     def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
@@ -102,7 +102,7 @@ class ShapesTask(Task):
             raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
         if not examples:
             return {}
-        hits = [self.is_correct(c, e) for e, c in zip(examples, completions)]
+        hits = [self.answers_right(c, e) for e, c in zip(examples, completions)]
         out = {"accuracy": sum(hits) / len(hits)}
         out["format"] = sum(format_ok(self.full_completion(c)) for c in completions) / len(completions)
         for kind in sorted({e["category"] for e in examples}):
