@@ -2,7 +2,8 @@
 
 `DemoBackend` holds the task (one instance per prompt style), its examples, the checkpoint allow-list and
 the policy cache. Its methods take the page's plain values and return plain values plus `warnings`, the
-messages `app.py` shows as toasts; none of them raises on bad input.
+messages `app.py` shows as toasts; none of them raises on bad input. The limits that keep one request from
+holding the one-at-a-time comparison queue (question length, tokens, checkpoints, time) are enforced here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from PIL import Image
 from gpg_vl.registry import get_task
 from gpg_vl.rollout import SamplingParams
 
-from . import runs
+from . import inspector, runs
 from .boxes import draw_boxes, enlarged, is_grounding, truth_in_pixels
 from .checkpoints import CheckpointAllowList, PolicyCache, UnknownCheckpoint
 from .compare import CheckpointResult, compare, results_html, results_json, results_table
@@ -24,6 +25,11 @@ from .inputs import PROMPT_STYLES, UploadError, example_prompt, ground_truth_tex
 
 SOURCES = ("Task example", "Your image")
 DEFAULT_STYLE = "task default"  # for a task without a prompt_style option
+MAX_NEW_TOKENS = 1024  # per checkpoint and request
+MAX_CHECKPOINTS = 8  # per comparison
+TIME_BUDGET_S = 300.0  # a comparison starts no new checkpoint after this (see compare.compare)
+# metrics.jsonl fields shown above a logged step in the inspector
+STEP_FIELDS = ("reward_mean", "valid_fraction", "pool_valid_fraction", "alpha", "resample_attempts", "skipped", "completion_length")
 
 
 @dataclass
@@ -61,13 +67,13 @@ class DemoBackend:
         split: str | None = None,
         device: str = "cpu",
         capacity: int = 4,
+        time_budget_s: float = TIME_BUDGET_S,
     ):
         self.allow = CheckpointAllowList(models, run_folders)
-        self.cache = PolicyCache(device, capacity)
+        self.cache = PolicyCache(device, capacity)  # each checkpoint at its own saved pixel budget
+        self.time_budget_s = time_budget_s
         self.task_name = task
-        self.tasks = make_task_variants(task)
-        for variant in self.tasks.values():
-            variant.configure_images(self.cache.min_pixels, self.cache.max_pixels)
+        self.tasks = make_task_variants(task)  # configure_images is called per checkpoint, in compare.py
         first = next(iter(self.tasks.values()))
         self.split = split or first.default_eval_split
         self.data = data or first.default_eval_data
@@ -141,15 +147,23 @@ class DemoBackend:
         """Run every selected checkpoint on the chosen input; problems come back as `warnings`."""
         labels = list(dict.fromkeys(labels or []))  # the same step picked twice runs once
         if not labels:
-            return ComparisonView(status="Pick at least one checkpoint.", warnings=["Pick at least one checkpoint."])
+            return _refused("Pick at least one checkpoint.")
+        if len(labels) > MAX_CHECKPOINTS:
+            return _refused(f"{len(labels)} checkpoints picked; a comparison runs at most {MAX_CHECKPOINTS}.")
+        try:
+            max_new_tokens = int(max_new_tokens)
+        except (TypeError, ValueError):
+            return _refused(f"Max new tokens must be a whole number, got {max_new_tokens!r}.")
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            return _refused(f"Max new tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}.")
         try:
             checkpoints = [self.allow.resolve(label) for label in labels]
         except UnknownCheckpoint as e:
-            return ComparisonView(status=f"Refused: {e}.", warnings=[f"Refused: {e}."])
+            return _refused(f"Refused: {e}.")
         task = self.task(style)
         try:
             if source == SOURCES[1]:
-                prompt = upload_prompt(read_upload(upload_path), question, style, task)
+                prompt = upload_prompt(read_upload(upload_path), question, task)
                 where = "your image"
             elif not self.examples:
                 raise UploadError(self.data_error or "No examples: upload an image instead.")
@@ -157,14 +171,14 @@ class DemoBackend:
                 index = min(max(int(example_index or 0), 0), len(self.examples) - 1)
                 prompt, where = example_prompt(task, self.examples[index]), f"example {index}"
         except UploadError as e:
-            return ComparisonView(status=str(e), warnings=[str(e)])
+            return _refused(str(e))
         params = SamplingParams(
             n=1,
             temperature=0.0 if greedy else max(float(temperature), 1e-3),
-            max_new_tokens=max(1, int(max_new_tokens)),
+            max_new_tokens=max_new_tokens,
             seed=int(seed) if seed is not None else 0,
         )
-        results = compare(checkpoints, prompt, params, task, self.cache, progress)
+        results = compare(checkpoints, prompt, params, task, self.cache, progress, self.time_budget_s)
         warnings = [f"{r.checkpoint}: {r.error}" for r in results if r.error]
         sampling = "greedy" if params.greedy else f"temperature {params.temperature:g}"
         status = f"Ran {len(results)} checkpoint(s) on {where} ({sampling}, max {params.max_new_tokens} tokens, seed {params.seed})."
@@ -179,8 +193,41 @@ class DemoBackend:
             warnings=warnings,
         )
 
+    # ---- the rollout inspector ---------------------------------------------------------------------
+    def inspector_steps(self, run_label: str | None) -> tuple[list[int], str]:
+        """The steps a run logged samples at, and a line saying what there is."""
+        if not run_label:
+            return [], "Start the demo with `--run RUN_FOLDER` to inspect a run's rollouts."
+        try:
+            folder = self.allow.run_folder(run_label)
+        except UnknownCheckpoint as e:
+            return [], str(e)
+        steps = inspector.logged_steps(folder)
+        if not steps:
+            return [], f"`{run_label}` has no `{inspector.SAMPLES_FILE}` yet (the trainer writes it every `logging.sample_every` steps)."
+        return steps, f"`{run_label}`: samples logged at {len(steps)} step(s), {steps[0]} to {steps[-1]}."
+
+    def inspector_view(self, run_label: str | None, step) -> tuple[str, str]:
+        """A Markdown line of the step's training metrics, and the HTML of its logged groups."""
+        if not run_label or step is None:
+            return "", ""
+        try:
+            folder, step = self.allow.run_folder(run_label), int(step)
+        except UnknownCheckpoint as e:
+            return str(e), ""
+        except (TypeError, ValueError):
+            return f"Not a step: {step!r}.", ""
+        record = next((r for r in reversed(runs.read_metrics(folder)) if int(r["step"]) == step), {})
+        shown = [f"`{k}` {record[k]:.3g}" for k in STEP_FIELDS if isinstance(record.get(k), (int, float))]
+        line = f"**Step {step}**" + (": " + ", ".join(shown) if shown else " (no metrics line for this step)")
+        return line, inspector.step_html(folder, step)
+
     def _drawn(self, task, prompt, results: list[CheckpointResult]) -> Image.Image:
         if not is_grounding(task, prompt.example):
             return enlarged(prompt.image)[0]
         truth = truth_in_pixels(task, prompt.example, prompt.image.size)
         return draw_boxes(prompt.image, [(r.checkpoint, r.box) for r in results], truth)
+
+
+def _refused(message: str) -> ComparisonView:
+    return ComparisonView(status=message, warnings=[message])

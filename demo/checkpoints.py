@@ -17,7 +17,6 @@ from pathlib import Path
 from gpg_vl.config import ModelConfig, RolloutConfig
 from gpg_vl.modeling import load_policy
 from gpg_vl.rollout import make_engine
-from gpg_vl.task import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 _STEP_DIR = re.compile(r"checkpoint-(\d+)")
 
@@ -109,16 +108,26 @@ class CheckpointAllowList:
 @dataclass
 class LoadedPolicy:
     model: object
-    processor: object
+    processor: object  # a VLProcessor; its min_pixels/max_pixels are the budget this checkpoint sees
     engine: object  # a RolloutEngine over `model`
     load_seconds: float
+
+    @property
+    def pixel_budget(self) -> tuple[int, int]:
+        """(min_pixels, max_pixels) every image is resized into before this checkpoint sees it."""
+        return int(self.processor.min_pixels), int(self.processor.max_pixels)
 
 
 class PolicyCache:
     """Loads each checkpoint once and keeps the `capacity` most recently used (older ones are dropped, so a
-    long session over many steps of a 7B run does not fill the GPU)."""
+    long session over many steps of a 7B run does not fill the GPU).
 
-    def __init__(self, device: str = "cpu", capacity: int = 4, min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS):
+    Each checkpoint sees images at its OWN pixel budget, the one saved with its image processor (the
+    loaded processor's `min_pixels`/`max_pixels`): a model trained on 112x112 images is demoed on them,
+    not on Qwen's 1280-token default. `min_pixels`/`max_pixels` given here override every checkpoint's.
+    """
+
+    def __init__(self, device: str = "cpu", capacity: int = 4, min_pixels: int | None = None, max_pixels: int | None = None):
         self.device, self.capacity = device, max(1, capacity)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self._loaded: OrderedDict[str, LoadedPolicy] = OrderedDict()

@@ -1,8 +1,9 @@
 """Run one prompt through several checkpoints and gather what the page shows for each.
 
-Every checkpoint gets the same prompt and the same seed, so differences come from the weights. A failure
-of one checkpoint (it does not load, generation raises, the task's scorer raises) becomes that checkpoint's
-`error` and the others still run; nothing here raises to the web server.
+Every checkpoint gets the same prompt and the same seed, so differences come from the weights, and sees
+the image at its own saved pixel budget. A failure of one checkpoint (it does not load, generation raises,
+the task's scorer raises) becomes that checkpoint's `error` and the others still run; nothing here raises
+to the web server. A comparison has a time budget: checkpoints not started when it is spent are skipped.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class CheckpointResult:
     load_seconds: float | None = None  # set when this call loaded the checkpoint
     finish_reason: str = ""
     box: list[float] | None = None  # predicted box in original-image pixels (grounding tasks)
+    pixel_budget: list[int] | None = None  # [min_pixels, max_pixels] the image was resized into for this checkpoint
     error: str | None = None
 
 
@@ -60,6 +62,10 @@ def run_checkpoint(checkpoint: Checkpoint, prompt: Prompt, params: SamplingParam
     except Exception as e:  # ModelLoadError, but also whatever a corrupt folder makes from_pretrained raise
         result.error = f"could not load this checkpoint: {_short_error(e)}"
         return result
+    result.pixel_budget = list(policy.pixel_budget)
+    # Scoring maps boxes back through the budget the model saw (RefCOCO). The task objects are shared, which is
+    # safe because comparisons run one at a time (concurrency_limit=1 in app.py).
+    task.configure_images(*policy.pixel_budget)
     try:
         start = time.perf_counter()
         rollout = policy.engine.generate([prompt.messages], params)
@@ -92,10 +98,19 @@ def compare(
     task,
     cache: PolicyCache,
     progress: Callable[[float, str], None] | None = None,
+    time_budget_s: float | None = None,
 ) -> list[CheckpointResult]:
-    """`run_checkpoint` for each checkpoint in turn, reporting progress as (fraction done, what now)."""
+    """`run_checkpoint` for each checkpoint in turn, reporting progress as (fraction done, what now).
+
+    Once `time_budget_s` seconds have passed, the checkpoints not yet started are skipped with an error, so a
+    request holds the one-at-a-time queue for at most the budget plus one checkpoint's load and generation.
+    """
     results = []
+    start = time.perf_counter()
     for i, checkpoint in enumerate(checkpoints):
+        if i > 0 and time_budget_s is not None and time.perf_counter() - start > time_budget_s:  # the first always runs
+            results.append(CheckpointResult(checkpoint.label, error=f"skipped: this comparison's time budget ({time_budget_s:g} s) was spent"))
+            continue
         if progress is not None:
             verb = "generating with" if checkpoint in cache else "loading and generating with"
             progress(i / len(checkpoints), f"{verb} {checkpoint.label} ({i + 1}/{len(checkpoints)})")
@@ -126,6 +141,8 @@ def _figures(r: CheckpointResult) -> str:
         parts.append(f"<b>reward {r.reward:g}</b>")
         parts += [f"{html.escape(k)} {v:g}" for k, v in r.components.items()]
     parts.append(f"{r.seconds:.2f} s")
+    if r.pixel_budget is not None:
+        parts.append(f"images {r.pixel_budget[0]:,}-{r.pixel_budget[1]:,} px")
     if r.load_seconds is not None:
         parts.append(f"loaded in {r.load_seconds:.2f} s")
     if r.finish_reason == "length":

@@ -1,8 +1,8 @@
 """What the demo feeds the checkpoints: a task example, or an uploaded image with a typed question.
 
 Uploads are untrusted: `read_upload` checks the file size and the image's sides BEFORE decoding the pixels
-(PIL reads only the header on open), so a huge or malformed file becomes an `UploadError` message, not a
-stalled server.
+(PIL reads only the header on open), and `check_question` bounds the typed question, so a huge or malformed
+input becomes an `UploadError` message, not a stalled server.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from PIL import Image
 
 from gpg_vl.images import message_images
-from gpg_vl.parsing import R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION
+from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MAX_UPLOAD_SIDE = 4096
+MAX_QUESTION_CHARS = 2000  # a typed question longer than this is refused (see check_question)
 PROMPT_STYLES = ("instruct", "base")
 
 # Ground-truth fields shown beside an example, in this order when present.
@@ -59,33 +60,38 @@ def read_upload(path: str | os.PathLike | None) -> Image.Image:
         raise UploadError(f"This file is not an image the demo can read ({type(e).__name__}).") from None
 
 
-def upload_prompt(image: Image.Image, question: str, style: str, task=None) -> Prompt:
-    """Messages for a typed question about an uploaded image, in the instruct or the base-model form.
+def check_question(question: str | None) -> str:
+    """The typed question, stripped; UploadError when it is empty or longer than MAX_QUESTION_CHARS.
 
-    A grounding task (one with `parse_box`) renders its own prompt around the text, taken as the instruction
-    or referring expression, so the model is asked for a box in the form it was trained on.
+    The bound is enforced here, on the server: the page's text box has the same limit, but an API client
+    can send anything, and one 400 KiB question once held the (one-at-a-time) comparison queue for minutes.
     """
     question = (question or "").strip()
     if not question:
         raise UploadError("Type a question about the image.")
-    if task is not None and callable(getattr(task, "parse_box", None)):
+    if len(question) > MAX_QUESTION_CHARS:
+        raise UploadError(f"The question is {len(question):,} characters; the demo accepts at most {MAX_QUESTION_CHARS:,}.")
+    return question
+
+
+def upload_prompt(image: Image.Image, question: str, task) -> Prompt:
+    """Messages for a typed question about an uploaded image, built by the task's own `conversation`, so the
+    prompt has the form (instruct, or base with R1's system turn and an opened "<think>") the task trains on.
+
+    An instruct prompt gets the think/answer instruction appended, as the built-in tasks do. A grounding task
+    (one with `parse_box`) renders its own prompt around the text, taken as the instruction or referring
+    expression, so the model is asked for a box in the form it was trained on.
+    """
+    question = check_question(question)
+    if callable(getattr(task, "parse_box", None)):
         pseudo = {"id": "upload", "image": image, "instruction": question, "problem": question, "question": question,
                   "width": image.width, "height": image.height}
         try:
             return Prompt(task.messages(pseudo), image, None)
         except Exception:  # the task needs fields an upload cannot give: use the generic prompt
             pass
-    if style == "base":
-        user = [{"type": "image", "image": image}, {"type": "text", "text": question}]
-        messages = [
-            {"role": "system", "content": R1_SYSTEM_PROMPT},
-            {"role": "user", "content": user},
-            {"role": "assistant", "content": "<think>"},
-        ]
-    else:
-        user = [{"type": "image", "image": image}, {"type": "text", "text": f"{question}\n{THINK_ANSWER_INSTRUCTION}"}]
-        messages = [{"role": "user", "content": user}]
-    return Prompt(messages, image, None)
+    text = f"{question}\n{THINK_ANSWER_INSTRUCTION}" if task.prompt_style == "instruct" else question
+    return Prompt(task.conversation([image], text), image, None)
 
 
 def example_prompt(task, example: dict) -> Prompt:

@@ -1,8 +1,10 @@
-"""The demo: its comparison through `gradio_client` and in a real headless Chromium, plus its safety rules.
+"""The demo: its comparison and rollout inspector through `gradio_client` and in a real headless Chromium,
+plus its safety rules and limits.
 
-One server per module (two random tiny checkpoints and a run folder), closed at the end. The browser test
-is marked `browser` and skips when chromium/chromedriver are missing; with GPG_VL_SCREENSHOT=PATH it also
-writes its screenshot there (that is how docs/demo.png is made).
+One server per module (two random tiny checkpoints and a run folder), closed at the end. The browser tests
+are marked `browser` and skip when chromium/chromedriver are missing; with GPG_VL_SCREENSHOT=PATH the
+comparison test writes its screenshot there (docs/demo.png), and with GPG_VL_INSPECTOR_SCREENSHOT=PATH the
+inspector test does (docs/inspector.png; GPG_VL_INSPECTOR_RUN=FOLDER shows that run instead of the fixture's).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import os
 import shutil
 import socket
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -18,8 +22,8 @@ from PIL import Image
 
 pytest.importorskip("gradio")
 
-from gpg_vl_demo.app import build_app, launch  # noqa: E402
-from gpg_vl_demo.backend import SOURCES, DemoBackend  # noqa: E402
+from gpg_vl_demo.app import MAX_QUEUED, build_app, launch  # noqa: E402
+from gpg_vl_demo.backend import MAX_CHECKPOINTS, MAX_NEW_TOKENS, SOURCES, DemoBackend  # noqa: E402
 from gpg_vl_demo.boxes import (  # noqa: E402
     GT_COLOR,
     PRED_COLORS,
@@ -31,10 +35,26 @@ from gpg_vl_demo.boxes import (  # noqa: E402
     truth_in_pixels,
 )
 from gpg_vl_demo.checkpoints import CheckpointAllowList, UnknownCheckpoint  # noqa: E402
-from gpg_vl_demo.inputs import MAX_UPLOAD_BYTES, UploadError, read_upload  # noqa: E402
+from gpg_vl_demo.inputs import MAX_QUESTION_CHARS, MAX_UPLOAD_BYTES, UploadError, read_upload, upload_prompt  # noqa: E402
 from gpg_vl_demo.runs import eval_curves, read_metrics, reward_curve  # noqa: E402
 
 MAX_TOKENS = 12  # enough to see output, cheap on the CPU
+HOSTILE = '<img src=x onerror="document.title=1">'  # a completion that must show as text, never as markup
+
+
+def samples_rows() -> list[dict]:
+    """Two groups of a logged step in the trainer's samples.jsonl schema: one valid, one not."""
+    valid = {
+        "step": 3, "prompt": "What colour is the shape?", "image": "samples/step-000003-0.png",
+        "completions": ["<answer>(B)</answer>", HOSTILE], "rewards": [2.0, 0.0],
+        "components": [{"format": 1.0, "accuracy": 1.0}, {"format": 0.0, "accuracy": 0.0}], "valid": True,
+        "finish_reasons": ["stop", "length"], "advantages": [1.0, -1.0],
+        "tokens": [["<answer>", "(B)", "</answer>", "<|im_end|>"], ['<img src=x onerror="', 'document.title=1">']],
+        "logprobs": [[-0.01, -2.5, -0.02, -0.05], [-0.7, -4.0]],
+    }
+    flat = {**valid, "image": "samples/step-000003-1.png", "completions": ["x", "y"], "rewards": [1.0, 1.0],
+            "valid": False, "advantages": [0.0, 0.0], "tokens": [["x"], ["y"]], "logprobs": [[-0.1], [-0.2]]}
+    return [valid, flat]
 
 
 # ---- fixtures -------------------------------------------------------------------------------------
@@ -55,6 +75,10 @@ def folders(tmp_path_factory):
         lines = [{"step": s, "reward_mean": 0.2 + 0.1 * s, "loss": 0.1} for s in range(1, 5)]
         lines[1]["eval/accuracy"], lines[3]["eval/accuracy"] = 0.3, 0.6
         (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 5, "rew')
+        (run / "samples").mkdir()
+        for i, colour in enumerate([(20, 160, 60), (200, 40, 40)]):
+            Image.new("RGB", (56, 56), colour).save(run / "samples" / f"step-000003-{i}.png")
+        (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples_rows()))
         broken = root / "broken"
         broken.mkdir()
         (broken / "config.json").write_text("{ not json")
@@ -142,21 +166,60 @@ def test_client_upload_without_truth_and_bad_requests(server, folders, tmp_path)
     assert client.predict(**compare_args(["ckpt-a"]))[3][0]["error"] is None  # the server is still serving
 
 
+def test_client_inspects_a_logged_step(server):
+    from gradio_client import Client
+
+    _, url = server
+    client = Client(url, verbose=False)
+    steps, info, step_md, page = client.predict("run", api_name="/inspect_run")
+    assert steps["value"] == 3 and "1 step(s)" in info and "**Step 3**" in step_md
+    assert page.count('class="gpg-group"') == 2 and "not valid" in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=" in page  # the completion is escaped
+    step_md, page = client.predict("run", 3, api_name="/inspect_step")
+    assert "reward_mean" in step_md and "gpg-tok" in page
+
+
+def test_inspector_is_not_held_up_by_a_running_comparison(server, monkeypatch):
+    """A comparison that hangs (here: held until the test lets go) does not delay the inspector, which runs
+    on its own queue; the comparison then finishes normally."""
+    from gradio_client import Client
+
+    app, url = server
+    policy = app.backend.cache.get(app.backend.allow.resolve("ckpt-a"))
+    entered, release, generate = threading.Event(), threading.Event(), policy.engine.generate
+
+    def held(prompts, params):
+        entered.set()
+        assert release.wait(120), "the test never released the comparison"
+        return generate(prompts, params)
+
+    monkeypatch.setattr(policy.engine, "generate", held)
+    client = Client(url, verbose=False)
+    job = client.submit(**compare_args(["ckpt-a"]))
+    try:
+        assert entered.wait(120), "the comparison never started"
+        inspected = client.submit("run", 3, api_name="/inspect_step").result(timeout=60)  # while it is held
+        assert "gpg-group" in inspected[1]
+    finally:
+        release.set()
+    assert job.result(timeout=120)[3][0]["error"] is None
+    assert app._queue.max_size == MAX_QUEUED  # a flood of requests is refused, not queued without end
+
+
 # ---- (b) a real headless Chromium ------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
-def test_browser_runs_a_comparison(server, tmp_path, monkeypatch):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+needs_browser = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
 
+
+@contextmanager
+def chrome(tmp_path, monkeypatch):
+    """A headless Chromium that reaches nothing but localhost; quit on exit."""
+    webdriver = pytest.importorskip("selenium.webdriver")
     monkeypatch.setenv("SE_OFFLINE", "true")  # selenium-manager must not try to download anything
-    _, url = server
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -165,6 +228,31 @@ def test_browser_runs_a_comparison(server, tmp_path, monkeypatch):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=CHROMEDRIVER), options=options)
     try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def full_page_screenshot(driver, shot: Path, env: str) -> None:
+    """Grow the window to the whole page (the viewport is a little shorter than the window), shoot, and copy
+    the picture to $env when it is set."""
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(height + 160, 4000))
+    driver.execute_script("window.scrollTo(0, 0)")
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    if os.environ.get(env):
+        Path(os.environ[env]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, os.environ[env])
+
+
+@pytest.mark.browser
+@needs_browser
+def test_browser_runs_a_comparison(server, tmp_path, monkeypatch):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, url = server
+    with chrome(tmp_path, monkeypatch) as driver:
         driver.get(url)
         wait = WebDriverWait(driver, 60)
         button = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#compare-btn"))
@@ -178,17 +266,45 @@ def test_browser_runs_a_comparison(server, tmp_path, monkeypatch):
         scores = driver.find_element(By.CSS_SELECTOR, "#scores").text
         assert "ckpt-a" in scores and "ckpt-b" in scores and "reward" in scores
         assert "Ran 2 checkpoint(s)" in driver.find_element(By.CSS_SELECTOR, "#status").text
-        # grow the window to the whole page (the viewport is a little shorter than the window), then shoot
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1400, min(height + 160, 4000))
-        driver.execute_script("window.scrollTo(0, 0)")
-        shot = tmp_path / "demo.png"
-        assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-        if os.environ.get("GPG_VL_SCREENSHOT"):
-            Path(os.environ["GPG_VL_SCREENSHOT"]).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(shot, os.environ["GPG_VL_SCREENSHOT"])
+        full_page_screenshot(driver, tmp_path / "demo.png", "GPG_VL_SCREENSHOT")
+
+
+@pytest.mark.browser
+@needs_browser
+def test_browser_inspects_a_runs_rollouts_without_checkpoints(folders, tmp_path, monkeypatch):
+    """`gpg-vl demo --run RUN` alone: the inspector tab shows the latest logged step, its groups, validity,
+    advantages and coloured tokens; a hostile completion stays text."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    given = os.environ.get("GPG_VL_INSPECTOR_RUN")
+    run = Path(given) if given else Path(folders["root"]) / "inspect-only"
+    if not given:  # the fixture run's samples, without its checkpoint: nothing here needs a model
+        run.mkdir(exist_ok=True)
+        for name in ("samples", "samples.jsonl", "metrics.jsonl"):
+            src = Path(folders["run"]) / name
+            (shutil.copytree if src.is_dir() else shutil.copyfile)(src, run / name)
+    app = build_app([], [str(run)], task="shapes", data="synthetic:4", split="test", device="cpu")
+    _, url, _ = launch(app, host="127.0.0.1", port=free_port(), block=False)
+    try:
+        with chrome(tmp_path, monkeypatch) as driver:
+            driver.get(url)
+            wait = WebDriverWait(driver, 60)
+            tab = wait.until(lambda d: next((b for b in d.find_elements(By.CSS_SELECTOR, "button[role=tab]") if "Rollout inspector" in b.text), None))
+            tab.click()
+            page = wait.until(lambda d: _text_with(d, "#inspector", "Group 1", "advantage"))
+            assert "valid" in page and "Token colour" in page
+            assert driver.find_elements(By.CSS_SELECTOR, "#inspector span.gpg-tok[title^='log-prob']")
+            assert driver.find_elements(By.CSS_SELECTOR, "#inspector img.gpg-img")  # the prompt image, inlined
+            assert wait.until(lambda d: _text_with(d, "#inspect-step-md", "Step"))
+            if not given:
+                assert "Group 2" in page and "not valid" in page and "+1.000" in page
+                assert HOSTILE in page  # shown as text ...
+                assert not driver.find_elements(By.CSS_SELECTOR, "#inspector img[src=x]")  # ... never as an element
+                assert driver.title != "1"
+            full_page_screenshot(driver, tmp_path / "inspector.png", "GPG_VL_INSPECTOR_SCREENSHOT")
     finally:
-        driver.quit()
+        app.close()
 
 
 def _text_with(driver, selector: str, *needles: str) -> str | bool:
@@ -333,14 +449,117 @@ def test_run_metrics_tolerate_a_partial_line(folders):
     assert read_metrics(folders["root"]) == []
 
 
-def test_cli_demo_needs_a_model_and_binds_loopback():
+def test_cli_demo_needs_a_model_and_binds_loopback(capsys):
     import argparse
 
     from gpg_vl.cli import main
     from gpg_vl_demo.app import add_arguments
 
     assert main(["demo"]) == 2
+    assert "give at least one --model PATH or --run RUN_FOLDER" in capsys.readouterr().err
     parser = argparse.ArgumentParser()
     add_arguments(parser, "demo")
     args = parser.parse_args(["--model", "a", "--model", "b", "--run", "r1", "r2"])
     assert (args.model, args.run, args.host, args.port, args.share) == (["a", "b"], ["r1", "r2"], "127.0.0.1", 7860, False)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "a", "--port", "0"], "--port must be between 1 and 65535, got 0"),
+        (["--model", "a", "--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+        (["--model", "a", "--host", "bad host!"], "--host must be an IP address or a host name, got 'bad host!'"),
+        (["--run", "/nonexistent/run"], "--run /nonexistent/run: no such folder"),
+        (["--model", "./no/such/checkpoint"], "--model ./no/such/checkpoint: no such folder"),
+    ],
+)
+def test_cli_demo_refuses_bad_options_in_one_line(argv, message, capsys):
+    from gpg_vl.cli import main
+
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gpg-vl demo: error: {message}\n"  # one line, naming the option
+
+
+def test_cli_demo_accepts_good_options():
+    import argparse
+
+    from gpg_vl_demo.app import check_options
+
+    for host in ("127.0.0.1", "::1", "0.0.0.0", "localhost", "my-box.lan"):
+        args = argparse.Namespace(model=["builtin:tiny"], run=[], host=host, port=7860)
+        assert check_options(args) is None, host
+
+
+def test_long_questions_and_oversized_requests_are_refused(folders, tmp_path):
+    backend = DemoBackend([folders["a"], folders["b"]], task="shapes", data="synthetic:2", split="test")
+    image = tmp_path / "mine.png"
+    Image.new("RGB", (60, 60), (200, 30, 30)).save(image)
+    long_question = "what? " * 400  # 2,400 characters
+    view = backend.comparison(SOURCES[1], 0, str(image), long_question, ["ckpt-a"], "instruct", True, 1.0, 4, 0)
+    assert view.raw == [] and f"at most {MAX_QUESTION_CHARS:,}" in view.status and "2,399" in view.status
+    assert not backend.cache._loaded  # refused before any model was loaded or run
+    view = backend.comparison(SOURCES[0], 0, None, "", ["ckpt-a"], "instruct", True, 1.0, MAX_NEW_TOKENS + 1, 0)
+    assert view.raw == [] and f"between 1 and {MAX_NEW_TOKENS}" in view.status
+    view = backend.comparison(SOURCES[0], 0, None, "", ["ckpt-a"], "instruct", True, 1.0, "lots", 0)
+    assert view.raw == [] and "whole number" in view.status
+    many = [f"x{i}" for i in range(MAX_CHECKPOINTS + 1)]
+    view = backend.comparison(SOURCES[0], 0, None, "", many, "instruct", True, 1.0, 4, 0)
+    assert view.raw == [] and f"at most {MAX_CHECKPOINTS}" in view.status
+    # a question at the limit is accepted
+    assert len(upload_prompt(Image.open(image), "q" * MAX_QUESTION_CHARS, backend.task("instruct")).messages) == 1
+
+
+def test_time_budget_skips_checkpoints_not_yet_started(folders):
+    backend = DemoBackend([folders["a"], folders["b"]], task="shapes", data="synthetic:2", split="test", time_budget_s=0.0)
+    view = backend.comparison(SOURCES[0], 0, None, "", ["ckpt-a", "ckpt-b"], "instruct", True, 1.0, 4, 0)
+    assert view.raw[0]["error"] is None and view.raw[0]["completion"] is not None  # the first always runs
+    assert view.raw[1]["error"].startswith("skipped: this comparison's time budget (0 s) was spent")
+
+
+def test_checkpoint_is_demoed_at_its_own_saved_pixel_budget(folders, tmp_path, monkeypatch):
+    """A checkpoint saved with a 56x56 budget sees the 112x112 example at 56x56 (the old fixed Qwen default
+    of 1280 tokens would have kept 112x112), and the task scores with that budget."""
+    small = tmp_path / "small-budget"
+    shutil.copytree(folders["a"], small)
+    config = json.loads((small / "preprocessor_config.json").read_text())
+    config["size"] = {"shortest_edge": 3136, "longest_edge": 3136}
+    (small / "preprocessor_config.json").write_text(json.dumps(config))
+    backend = DemoBackend([str(small), folders["a"]], task="shapes", data="synthetic:2", split="test")
+    seen = []
+    for label in ("small-budget", "ckpt-a"):
+        processor = backend.cache.get(backend.allow.resolve(label)).processor
+        resize = processor.resize
+
+        def spy(messages, resize=resize, label=label):
+            out = resize(messages)
+            seen.append((label, [item["image"].size for m in out if isinstance(m["content"], list) for item in m["content"] if item.get("type") == "image"]))
+            return out
+
+        monkeypatch.setattr(processor, "resize", spy)
+    view = backend.comparison(SOURCES[0], 0, None, "", ["small-budget"], "instruct", True, 1.0, 4, 0)
+    assert view.raw[0]["pixel_budget"] == [3136, 3136] and "3,136-3,136 px" in view.cards
+    assert seen == [("small-budget", [(56, 56)])]
+    assert (backend.task("instruct").min_pixels, backend.task("instruct").max_pixels) == (3136, 3136)
+    view = backend.comparison(SOURCES[0], 0, None, "", ["ckpt-a"], "instruct", True, 1.0, 4, 0)
+    saved = json.loads((Path(folders["a"]) / "preprocessor_config.json").read_text())["size"]
+    assert view.raw[0]["pixel_budget"] == [saved["shortest_edge"], saved["longest_edge"]] != [3136, 3136]
+    assert seen[-1] == ("ckpt-a", [(112, 112)])
+
+
+def test_upload_prompts_come_from_the_tasks_conversation(folders):
+    """Golden prompts of a typed question: the instruct form is one user turn with the think/answer
+    instruction; the base form is R1's system turn, the user turn and an opened "<think>", as the task trains."""
+    from gpg_vl.parsing import R1_SYSTEM_PROMPT, THINK_ANSWER_INSTRUCTION
+
+    backend = DemoBackend([folders["a"]], task="shapes", data="synthetic:2", split="test")
+    image = Image.new("RGB", (40, 40))
+    instruct = upload_prompt(image, "  What colour?  ", backend.task("instruct")).messages
+    assert instruct == [{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": f"What colour?\n{THINK_ANSWER_INSTRUCTION}"}]}]
+    base = upload_prompt(image, "What colour?", backend.task("base")).messages
+    assert base == [{"role": "system", "content": R1_SYSTEM_PROMPT},
+                    {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What colour?"}]},
+                    {"role": "assistant", "content": "<think>"}]
+    with pytest.raises(UploadError, match="Type a question"):
+        upload_prompt(image, "   ", backend.task("instruct"))
