@@ -1,25 +1,41 @@
-"""Rollouts with Hugging Face `generate` on the policy itself (no copy, so weight sync is a no-op).
+"""Rollouts with Hugging Face models on the policy itself (no copy, so weight sync is a no-op).
 
-Traps handled here: batched generation needs LEFT padding; a sampling policy can emit `<|image_pad|>` and
-break the next forward, so vision special tokens are suppressed; transformers samples with top_k=50
-unless told otherwise; the log-prob of each sampled token is taken from the processed (temperature,
-top-p) scores, i.e. the distribution it was actually drawn from.
+Two paths with the same sampling distribution: by default each prompt (and its images) is prefilled ONCE
+and its G completions are sampled from row-indexed copies of that cache (`gpg_vl.prefix`); with
+`share_prefix=False`, `model.generate` runs on G copies of every prompt (the reference). Both keep the
+log-prob of every sampled token under the distribution it was drawn from, one float per token: GRPO's
+ratio uses them as `old_logprobs`, off-policy or asynchronous work needs them, and the demo's rollout
+inspector shows them. Nothing vocabulary-sized is kept across steps (no `output_scores`: at Qwen's 151,936
+tokens those rows cost ~27 GB for 64 sequences x 700 tokens).
+Traps: batched generation needs LEFT padding; a sampling policy can emit `<|image_pad|>` and break the next
+forward, so vision special tokens are suppressed; transformers samples with top_k=50 (and a checkpoint's
+generation_config may add more) unless told otherwise, so the processors are built here, explicitly.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
+from gpg_vl.prefix import continue_forward, prefill
 from gpg_vl.rollout.base import Rollout, SamplingParams
 
-class HFEngine:
-    """`RolloutEngine` over `model.generate`, `batch_size` sequences at a time."""
 
-    def __init__(self, model, processor, batch_size: int = 64):
+class HFEngine:
+    """`RolloutEngine` over the policy's forward, about `batch_size` sequences at a time."""
+
+    def __init__(self, model, processor, batch_size: int = 64, share_prefix: bool = True):
         self.model = model
         self.processor = processor
         self.batch_size = max(1, batch_size)
         self.suppress_ids = processor.suppressed_token_ids
+        self.share_prefix = share_prefix
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Nothing to do: this engine samples from the very module being trained."""
@@ -32,44 +48,130 @@ class HFEngine:
         resized = [self.processor.resize(p) for p in prompts]
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
-        parts = [self._generate_chunk([resized[i] for i in chunk], params) for chunk in chunks]
-        pad_id = self.processor.pad_token_id
-        rollout = Rollout.concat([Rollout([], *part) for part in parts], pad_id)
-        rollout.prompt_indices = rows
-        return rollout
-
-    def _generate_chunk(self, batch: list[list[dict]], params: SamplingParams):
         model = self.model
         was_training = model.training
         model.eval()
-        device = next(model.parameters()).device
+        try:
+            if self.share_prefix:
+                per_call = max(1, self.batch_size // params.n)  # whole groups, ~batch_size rows per call
+                chunks = [list(range(i, min(i + per_call, len(prompts)))) for i in range(0, len(prompts), per_call)]
+                parts = [self._sample_shared([resized[i] for i in chunk], params) for chunk in chunks]
+            else:
+                chunks = [rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+                parts = [self._generate_chunk([resized[i] for i in chunk], params) for chunk in chunks]
+        finally:
+            model.train(was_training)
+        rollout = Rollout.concat([Rollout([], *part) for part in parts], self.processor.pad_token_id)
+        rollout.prompt_indices = rows
+        return rollout
+
+    def _processors(self, params: SamplingParams) -> LogitsProcessorList:
+        """Ban the vision tokens, then temperature, top-k, top-p: the distribution a token is drawn from."""
+        chain = LogitsProcessorList()
+        if self.suppress_ids:
+            chain.append(SuppressTokensLogitsProcessor(self.suppress_ids, device=self._device()))
+        if not params.greedy:
+            if params.temperature != 1.0:
+                chain.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k:
+                chain.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                chain.append(TopPLogitsWarper(params.top_p))
+        return chain
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _sample_shared(self, batch: list[list[dict]], params: SamplingParams):
+        """n completions for each of the B prompts: prefill B rows once, decode B*n rows from the shared cache."""
+        n, model, eos = params.n, self.model, self.processor.eos_token_ids
+        device = self._device()
         inputs = self.processor(batch, padding_side="left").to(device)
-        sampling = {} if params.greedy else dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        out = model.generate(
+        prefix = prefill(model, inputs, want_hidden=False)
+        prefix.select(torch.arange(len(batch), device=device).repeat_interleave(n))  # [B] -> [B*n], group-contiguous
+        processors = self._processors(params)
+        ids = inputs["input_ids"].repeat_interleave(n, dim=0)  # [N, P] what processors see as the past
+        mask = prefix.attention_mask
+        eos_t = torch.tensor(eos, device=device)
+        unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
+        logits = prefix.last_logits.float()  # [N, V]
+        tokens, logprobs = [], []
+        for step in range(params.max_new_tokens):
+            processed = processors(ids, logits)  # [N, V]
+            if params.greedy:
+                token = processed.argmax(-1)
+            else:  # exactly as transformers' sampler draws
+                token = torch.multinomial(torch.softmax(processed, dim=-1), num_samples=1).squeeze(1)
+            scores = torch.log_softmax(processed, dim=-1)
+            token = torch.where(unfinished, token, self.processor.pad_token_id)  # finished rows emit padding
+            tokens.append(token)
+            logprobs.append(scores.gather(-1, token[:, None]).squeeze(-1))
+            unfinished &= ~torch.isin(token, eos_t)
+            if not unfinished.any() or step == params.max_new_tokens - 1:
+                break
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = continue_forward(model, prefix, token[:, None], mask, step, want_hidden=False).logits[:, -1].float()
+        completion_ids = torch.stack(tokens, dim=1)  # [N, L]
+        return self._finish(completion_ids, torch.stack(logprobs, dim=1))
+
+    def _generate_chunk(self, batch: list[list[dict]], params: SamplingParams):
+        """The reference path: `model.generate` over one row per completion (each prompt copied n times)."""
+        device = self._device()
+        inputs = self.processor(batch, padding_side="left").to(device)
+        recorder = SampledLogprobs()
+        out = self.model.generate(
             **inputs,
             do_sample=not params.greedy,
-            **sampling,
+            # neutral settings so generate adds no processor of its own (a checkpoint's generation_config may
+            # carry top_k, top_p, temperature or a repetition penalty); ours run in `logits_processor`
+            **({} if params.greedy else dict(temperature=1.0, top_k=0, top_p=1.0)),
+            repetition_penalty=1.0,
+            logits_processor=LogitsProcessorList([*self._processors(params), recorder]),
             max_new_tokens=params.max_new_tokens,
-            suppress_tokens=self.suppress_ids,
             eos_token_id=self.processor.eos_token_ids,
             pad_token_id=self.processor.pad_token_id,
             use_cache=True,
             return_dict_in_generate=True,
-            output_scores=True,
         )
-        model.train(was_training)
         completion_ids = out.sequences[:, inputs["input_ids"].shape[1] :]  # [n, L]
-        # log-prob of each sampled token under the processed scores it was sampled from, one step at a time
-        # so a 150k vocabulary never materialises as [n, L, V]
-        logprobs = torch.stack(
-            [torch.log_softmax(s.float(), -1).gather(-1, completion_ids[:, t : t + 1]).squeeze(-1) for t, s in enumerate(out.scores)],
-            dim=1,
-        )  # [n, L]
+        return self._finish(completion_ids, recorder.logprobs(completion_ids))
+
+    def _finish(self, completion_ids: torch.Tensor, logprobs: torch.Tensor):
         mask, finish = _response_mask(completion_ids, self.processor.eos_token_ids)
         logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs))
         texts = [self.processor.decode(ids[m.bool()]) for ids, m in zip(completion_ids, mask)]
         return completion_ids.cpu(), mask.cpu(), logprobs.cpu(), texts, finish
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Placed last in `generate`'s processors: records log p(sampled token), one float per row per step.
+
+    The token of step t is drawn AFTER the processors run, so call t+1 (whose `input_ids` end with it) looks
+    it up in step t's normalised scores, the only [rows, V] tensor kept; the last step's token is looked up
+    in `logprobs()`. Scores pass through unchanged.
+    """
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None  # [rows, V] log-softmax of the last step's processed scores
+        self.taken: list[torch.Tensor] = []  # per finished step: [rows]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self.taken.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def logprobs(self, completion_ids: torch.Tensor) -> torch.Tensor:
+        """[rows, L] for the generated `completion_ids` [rows, L]."""
+        L = completion_ids.shape[1]
+        taken = self.taken[:L]  # generate may run (and undo) a step past the end
+        if len(taken) < L:
+            taken.append(self.previous.gather(-1, completion_ids[:, L - 1 : L]).squeeze(-1))
+        self.previous = None
+        if len(taken) != L:
+            raise RuntimeError(f"recorded {len(taken)} sampling steps for {L} generated tokens")
+        return torch.stack(taken, dim=1) if taken else completion_ids.new_zeros(completion_ids.shape, dtype=torch.float)
 
 
 def _response_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, list[str]]:
