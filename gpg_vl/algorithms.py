@@ -8,40 +8,91 @@ Estimators and losses are plain functions in two registries keyed by the names u
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 POLICY_LOSSES: dict[str, Callable] = {}
+# Facts the config reads from the registries (never from a hard-coded list of names): per algorithm its
+# default aggregation, its default std normalisation, and which tunable options it accepts.
 DEFAULT_LOSS_AGG: dict[str, str] = {}
+DEFAULT_STD_NORMALIZE: dict[str, bool] = {}
+ADVANTAGE_OPTIONS: dict[str, tuple[str, ...]] = {}
+LOSS_OPTIONS: dict[str, tuple[str, ...]] = {}
 LOSS_AGG_MODES = ("token_mean", "seq_mean", "token_sum_norm")
+#: `algorithm.*` config fields that only some algorithms use; each registration says which ones it takes.
+TUNABLE_OPTIONS = ("std_normalize", "clip_eps", "kl_coef", "num_iterations")
 
 
-def register_advantage(name: str):
-    """Decorator: `fn(rewards [B*G], *, group_size, std_normalize, eps, atol) -> advantages [B*G]`."""
+def _check_options(name: str, options, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"algorithm {name!r}: unknown options {unknown}; valid: {', '.join(allowed)}")
+    return tuple(options)
+
+
+def register_advantage(name: str, *, std_normalize: bool = False, options=("std_normalize",)):
+    """Decorator: `fn(rewards [B*G], *, group_size, std_normalize, eps, atol) -> advantages [B*G]`.
+
+    `std_normalize` is the algorithm's default F_norm choice (the config's `algorithm.std_normalize: null`
+    takes it); drop "std_normalize" from `options` when the estimator has only one form (dr_grpo)."""
+    options = _check_options(name, options, ("std_normalize",))
 
     def decorate(fn):
         if name in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name] = fn
+        ADVANTAGE_ESTIMATORS[name], DEFAULT_STD_NORMALIZE[name], ADVANTAGE_OPTIONS[name] = fn, std_normalize, options
         return fn
 
     return decorate
 
 
-def register_policy_loss(name: str, loss_agg: str = "token_mean"):
+def register_policy_loss(name: str, loss_agg: str = "token_mean", options=()):
     """Decorator: `fn(logprobs, advantages, mask, *, old_logprobs, ref_logprobs, clip_eps, kl_coef)`
-    -> (per-token loss [B*G, L], metrics). `compute_policy_loss` aggregates it (`loss_agg` is the default mode)."""
+    -> (per-token loss [B*G, L], metrics). `compute_policy_loss` aggregates it (`loss_agg` is the default mode).
+
+    The trainer passes every keyword to every loss (take `**_` for those you ignore); `options` names the
+    ones among clip_eps, kl_coef, num_iterations the loss really uses, so the config rejects the others
+    instead of silently ignoring them, and loads a reference model exactly when kl_coef > 0."""
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"unknown loss_agg {loss_agg!r}; valid: {', '.join(LOSS_AGG_MODES)}")
+    options = _check_options(name, options, TUNABLE_OPTIONS[1:])
 
     def decorate(fn):
         if name in POLICY_LOSSES:
             raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name], DEFAULT_LOSS_AGG[name] = fn, loss_agg
+        POLICY_LOSSES[name], DEFAULT_LOSS_AGG[name], LOSS_OPTIONS[name] = fn, loss_agg, options
         return fn
 
     return decorate
+
+
+@dataclass(frozen=True)
+class AlgorithmFacts:
+    """What the config needs to know about a registered algorithm (an estimator and a loss of one name)."""
+
+    name: str
+    std_normalize: bool  # default F_norm: divide advantages by the group std
+    loss_agg: str  # default aggregation mode
+    options: tuple[str, ...]  # which of TUNABLE_OPTIONS it accepts
+
+
+def available_algorithms() -> list[str]:
+    """Names registered as both an advantage estimator and a policy loss, sorted."""
+    return sorted(set(ADVANTAGE_ESTIMATORS) & set(POLICY_LOSSES))
+
+
+def algorithm_facts(name: str) -> AlgorithmFacts:
+    """The registries' facts about `name`; KeyError naming the valid algorithms (or the missing half)."""
+    if name not in ADVANTAGE_ESTIMATORS and name not in POLICY_LOSSES:
+        raise KeyError(f"unknown algorithm {name!r}; valid names: {', '.join(available_algorithms())}")
+    for registry, kind, decorator in ((ADVANTAGE_ESTIMATORS, "advantage estimator", "register_advantage"),
+                                      (POLICY_LOSSES, "policy loss", "register_policy_loss")):
+        if name not in registry:
+            raise KeyError(f"algorithm {name!r} has no {kind}; register one with @algorithms.{decorator}({name!r})")
+    options = tuple(o for o in TUNABLE_OPTIONS if o in ADVANTAGE_OPTIONS[name] + LOSS_OPTIONS[name])
+    return AlgorithmFacts(name, DEFAULT_STD_NORMALIZE[name], DEFAULT_LOSS_AGG[name], options)
 
 
 def _lookup(registry: dict[str, Callable], name: str, kind: str) -> Callable:
@@ -98,8 +149,8 @@ def compute_advantages(
 ) -> torch.Tensor:
     """advantages [B*G] from rewards [B*G]; std_normalize=None takes the algorithm's own default."""
     estimator = _lookup(ADVANTAGE_ESTIMATORS, name, "advantage estimator")
-    options = {} if std_normalize is None else {"std_normalize": std_normalize}
-    return estimator(rewards, group_size=group_size, eps=eps, atol=atol, **options)
+    std_normalize = DEFAULT_STD_NORMALIZE[name] if std_normalize is None else std_normalize
+    return estimator(rewards, group_size=group_size, std_normalize=std_normalize, eps=eps, atol=atol)
 
 
 def _group_relative(rewards, group_size, std_normalize, eps, atol) -> torch.Tensor:
@@ -116,19 +167,19 @@ def _group_relative(rewards, group_size, std_normalize, eps, atol) -> torch.Tens
     return (advantages * valid.unsqueeze(-1)).flatten()  # [B*G]
 
 
-@register_advantage("gpg")
+@register_advantage("gpg", std_normalize=False)
 def compute_gpg_advantages(rewards, *, group_size, std_normalize=False, eps=1e-6, atol=1e-6):
     """GPG: F_norm = 1 by default (the paper's choice); std normalisation is an option."""
     return _group_relative(rewards, group_size, std_normalize, eps, atol)
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", std_normalize=True)
 def compute_grpo_advantages(rewards, *, group_size, std_normalize=True, eps=1e-6, atol=1e-6):
     """GRPO (Shao et al. 2024): (r - mean) / (std + eps) within each group."""
     return _group_relative(rewards, group_size, std_normalize, eps, atol)
 
 
-@register_advantage("dr_grpo")
+@register_advantage("dr_grpo", std_normalize=False, options=())
 def compute_dr_grpo_advantages(rewards, *, group_size, std_normalize=False, eps=1e-6, atol=1e-6):
     """Dr.GRPO (Liu et al. 2025): r - mean; dropping the std division is what defines it."""
     if std_normalize:
@@ -240,14 +291,14 @@ def _clipped_surrogate(logprobs, advantages, mask, old_logprobs, ref_logprobs, c
     return loss_mat, metrics
 
 
-@register_policy_loss("grpo", loss_agg="seq_mean")
+@register_policy_loss("grpo", loss_agg="seq_mean", options=("clip_eps", "kl_coef", "num_iterations"))
 def grpo_policy_loss(logprobs, advantages, mask, *, old_logprobs=None, ref_logprobs=None, clip_eps=0.2,
                      kl_coef=0.0):
     """GRPO (DeepSeekMath, Shao et al. 2024): clipped surrogate, optional k3 KL, per-sequence mean."""
     return _clipped_surrogate(logprobs, advantages, mask, old_logprobs, ref_logprobs, clip_eps, kl_coef)
 
 
-@register_policy_loss("dr_grpo", loss_agg="token_sum_norm")
+@register_policy_loss("dr_grpo", loss_agg="token_sum_norm", options=("clip_eps",))
 def dr_grpo_policy_loss(logprobs, advantages, mask, *, old_logprobs=None, ref_logprobs=None, clip_eps=0.2,
                         kl_coef=0.0):
     """Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): GRPO's clipped surrogate, token sum

@@ -7,8 +7,10 @@ with the key and the file named, and derived values are computed in `Config.fina
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,16 +19,119 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override that names an unknown key or a value of the wrong type."""
+    """A config file or override with an unknown key, a wrong type or a value out of its range.
+
+    `key` is the dotted key at fault (when there is one), so the message can name the file that set it."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+# ---- ranges and choices, declared on each field ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The allowed values of one field. Floats must always be finite; None passes where the type allows it.
+
+    `choices` is a tuple, or a function returning the names a registry holds right now (its docstring says
+    which registry), so a plugin's names are valid without editing this file."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] | Callable[[], Sequence[str]] | None = None
+    items: int | None = None  # a sequence of exactly this many numbers, each in the range
+    why: str = ""  # added to the error message
+    note: str = ""  # what docs/config.md says is allowed when the check lives elsewhere (task, valid_on)
+
+    def names(self) -> Sequence[str]:
+        return self.choices() if callable(self.choices) else self.choices or ()
+
+    def allowed(self) -> str:
+        """Human text for errors and docs/config.md, e.g. "a finite number in (0, 1]" or "one of: a | b"."""
+        if self.note:
+            return self.note
+        if self.choices is not None:
+            label = f"{self.choices.__doc__}: " if callable(self.choices) else "one of: "
+            return label + " | ".join(self.names())
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        if low and high:
+            text = f"in {low}, {high}"
+        elif low:
+            text = (">= " if low[0] == "[" else "> ") + low[1:]
+        elif high:
+            text = ("<= " if high[-1] == "]" else "< ") + high[:-1]
+        else:
+            text = "any"
+        return f"{self.items} values, each {text}" if self.items else text
+
+    def violation(self, value: Any) -> str | None:
+        """None when `value` is allowed, else what is wrong ("must be >= 1, got 0")."""
+        if value is None or self.note:  # a note means the check lives elsewhere (task, plugin, valid_on)
+            return None
+        if self.choices is not None:
+            return None if value in self.names() else f"must be one of {', '.join(self.names())}; got {value!r}"
+        values = value if self.items else (value,)
+        if self.items and len(values) != self.items:
+            return f"must have {self.items} values, got {len(values)}: {value!r}"
+        for v in values:
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                return f"must be numbers, got {value!r}"
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"must be a finite number {self.allowed()}, got {value!r}"
+            if ((self.ge is not None and not v >= self.ge) or (self.gt is not None and not v > self.gt)
+                    or (self.le is not None and not v <= self.le) or (self.lt is not None and not v < self.lt)):
+                return f"must be {self.allowed()}, got {value!r}" + (f" ({self.why})" if self.why else "")
+        return None
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def option(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, **rule: Any) -> Any:
+    """A dataclass field with its allowed values attached: `group_size: int = option(8, ge=2)`."""
+    return field(default=default, default_factory=factory, metadata={"rule": Rule(**rule)})
+
+
+def _engines() -> list[str]:
+    """a registered rollout engine"""
+    from gpg_vl.rollout import ENGINES
+
+    return list(ENGINES)
+
+
+def _algorithms() -> list[str]:
+    """a registered algorithm"""
+    from gpg_vl.registry import available_algorithms
+
+    return available_algorithms()
+
+
+def _loss_aggs() -> tuple[str, ...]:
+    """an aggregation mode of gpg_vl.algorithms.agg_loss"""
+    from gpg_vl.algorithms import LOSS_AGG_MODES
+
+    return LOSS_AGG_MODES
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+OPTIMIZERS = ("adamw", "adamw_8bit")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
 class LoraConfig:
-    r: int = 0
+    r: int = option(0, ge=0)
     """Adapter rank; 0 disables LoRA (full fine-tuning)."""
-    alpha: int = 16
+    alpha: int = option(16, gt=0)
     """LoRA scaling numerator (the update is scaled by alpha / r)."""
-    dropout: float = 0.0
+    dropout: float = option(0.0, ge=0, lt=1)
     """Dropout on the adapter input."""
     target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Module names that get adapters, matched in the language model only (the vision tower stays frozen)."""
@@ -36,16 +141,16 @@ class LoraConfig:
 class ModelConfig:
     name_or_path: str = "builtin:tiny-warm"
     """Hub id (Qwen/Qwen2-VL-2B-Instruct), local folder, or a built-in preset `builtin:<preset>`."""
-    dtype: str = "auto"
+    dtype: str = option("auto", choices=DTYPES)
     """Dtype of the weights themselves (and so of the optimizer state): float32 | bfloat16 | float16 |
     auto (float32 master weights with bf16 autocast on CUDA; float32 on CPU). bfloat16 halves weight and
     optimizer memory but rounds small updates away; see docs/memory.md."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = option("sdpa", choices=ATTN_IMPLEMENTATIONS)
     """Attention kernel passed to from_pretrained: sdpa | eager | flash_attention_2 (falls back to sdpa
     with a warning when flash-attn is not installed)."""
-    min_pixels: int | None = None
+    min_pixels: int | None = option(None, ge=1)
     """Smallest image area (pixels) fed to the model; null: the model's saved image-processor setting."""
-    max_pixels: int | None = None
+    max_pixels: int | None = option(None, ge=1)
     """Largest image area (pixels) fed to the model (bounds image tokens); null: the model's saved setting."""
     freeze_vision: bool = False
     """Keep the vision tower's weights fixed (only the language model and merger train)."""
@@ -57,10 +162,11 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "shapes"
+    name: str = option("shapes", note="a registered task, `pkg.module:Class` or `file.py:Class` (checked before loading)")
     """Registered task name, `pkg.module:Class` or `path/to/file.py:Class`."""
-    options: dict = field(default_factory=dict)
-    """Keyword options passed to the task's constructor (e.g. prompt_style: base)."""
+    options: dict = option(factory=dict, note="keywords of the task's `__init__` (checked before loading)")
+    """Keyword options passed to the task's constructor (e.g. prompt_style: base); names are checked
+    against its __init__ before anything loads."""
     train_data: str | None = None
     """Training data: hub id or local path; null uses the task's default."""
     train_split: str = "train"
@@ -69,29 +175,29 @@ class TaskConfig:
     """Held-out data: hub id or local path; null uses the task's default."""
     eval_split: str = "test"
     """Split of eval_data used for held-out evaluation."""
-    eval_limit: int | None = None
+    eval_limit: int | None = option(None, ge=1)
     """Evaluate on at most this many held-out examples (null: all)."""
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"
+    engine: str = option("hf", choices=_engines)
     """Rollout engine: hf (transformers generate) | vllm (CUDA only)."""
-    group_size: int = 8
+    group_size: int = option(8, ge=2, why="a group of one has no baseline")
     """G: completions sampled per prompt."""
-    temperature: float = 1.0
+    temperature: float = option(1.0, gt=0, why="greedy rollouts give every group equal rewards, so no step trains")
     """Sampling temperature for training rollouts."""
-    top_p: float = 1.0
+    top_p: float = option(1.0, gt=0, le=1)
     """Nucleus sampling threshold (1.0 disables it)."""
-    top_k: int = 0
+    top_k: int = option(0, ge=0)
     """Top-k sampling (0 disables it; transformers otherwise defaults to 50)."""
-    max_new_tokens: int = 256
+    max_new_tokens: int = option(256, ge=1)
     """Longest completion, in tokens."""
-    batch_size: int = 64
+    batch_size: int = option(64, ge=1)
     """Sequences generated at once by the engine (a memory knob, not an algorithm one)."""
-    vllm_gpu_memory_utilization: float = 0.3
+    vllm_gpu_memory_utilization: float = option(0.3, gt=0, le=1)
     """vLLM only: share of GPU memory the colocated engine may take."""
-    vllm_max_images_per_prompt: int = 1
+    vllm_max_images_per_prompt: int = option(1, ge=1)
     """vLLM only: most images one prompt may carry (SAT's two-image rows need 2)."""
     vllm_sleep: bool = False
     """vLLM only: release the engine's memory between rollouts (sleep level 1)."""
@@ -101,63 +207,80 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "gpg"
-    """Policy-gradient algorithm: gpg | grpo | dr_grpo."""
-    std_normalize: bool | None = None
-    """Divide advantages by the group std (F_norm). null: the algorithm's default (off for gpg/dr_grpo, on for grpo)."""
-    loss_agg: str | None = None
-    """token_mean | seq_mean | token_sum_norm. null: the algorithm's default."""
-    min_valid_fraction: float = 0.6
+    name: str = option("gpg", choices=_algorithms)
+    """Policy-gradient algorithm: gpg | grpo | dr_grpo, or one a plugin registers (see `plugin`)."""
+    plugin: str | None = option(None, note="an existing .py file or an importable module")
+    """A Python file (path/to/file.py) or module (pkg.module) imported before the config is checked, so
+    the algorithms it registers with gpg_vl.algorithms' decorators can be named in `name`."""
+    std_normalize: bool | None = option(None, note="true, false, or null for the algorithm's registered default")
+    """Divide advantages by the group std (F_norm). null: the algorithm's registered default (off for gpg and
+    dr_grpo, on for grpo); only algorithms registered with this option accept a value that differs."""
+    loss_agg: str | None = option(None, choices=_loss_aggs)
+    """token_mean | seq_mean | token_sum_norm. null: the algorithm's registered default."""
+    min_valid_fraction: float = option(0.6, ge=0, le=1)
     """beta_th: resample prompts while the share of groups with non-equal rewards is below this."""
-    max_resample_attempts: int = 3
+    max_resample_attempts: int = option(3, ge=0)
     """Extra rollout rounds allowed per step to reach min_valid_fraction."""
+    valid_on: str = option("total", note="`total` or a reward component the task reports (checked at the first step)")
+    """Reward component whose values decide whether a group is valid (not all equal) for beta_th, AGE's
+    alpha and which groups are kept; `total` or a component the task reports (e.g. accuracy, so groups
+    that differ only in format do not count). Advantages always use the total."""
     age: bool = True
     """Accurate gradient estimation: scale the loss by alpha = B / (B - M)."""
-    clip_eps: float = 0.2
-    """GRPO: PPO clip range for the probability ratio."""
-    kl_coef: float = 0.0
-    """GRPO: weight of the k3 KL penalty to a frozen reference model (0 loads no reference)."""
-    num_iterations: int = 1
-    """GRPO: optimisation passes over each rollout batch (1 keeps it on-policy)."""
+    clip_eps: float = option(0.2, gt=0, lt=1)
+    """PPO clip range for the probability ratio (algorithms registered with clip_eps: grpo, dr_grpo)."""
+    kl_coef: float = option(0.0, ge=0)
+    """Weight of the k3 KL penalty to a frozen reference model, loaded exactly when this is > 0
+    (algorithms registered with kl_coef: grpo)."""
+    num_iterations: int = option(1, ge=1)
+    """Optimisation passes over each rollout batch; 1 keeps it on-policy (algorithms registered with
+    num_iterations: grpo)."""
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
+    name: str = option("adamw", choices=OPTIMIZERS)
     """Optimizer: adamw (torch) | adamw_8bit (bitsandbytes, CUDA only: `pip install 'gpg-vl[gpu]'`)."""
-    lr: float = 1e-6
+    lr: float = option(1e-6, gt=0)
     """Peak learning rate of AdamW."""
-    weight_decay: float = 0.0
+    weight_decay: float = option(0.0, ge=0)
     """AdamW weight decay."""
-    adam_betas: tuple = (0.9, 0.999)
+    adam_betas: tuple = option((0.9, 0.999), items=2, ge=0, lt=1)
     """AdamW betas."""
-    warmup_steps: int = 0
+    warmup_steps: int = option(0, ge=0)
     """Linear learning-rate warmup, in optimizer steps."""
-    lr_schedule: str = "constant"
+    lr_schedule: str = option("constant", choices=LR_SCHEDULES)
     """constant | linear | cosine (decay after warmup to 0 at max_steps)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = option(1.0, ge=0)
     """Clip the global gradient norm to this (0 disables)."""
-    micro_batch_size: int = 8
+    micro_batch_size: int = option(8, ge=1)
     """Sequences per forward/backward; the loss is still normalised over the whole batch."""
+    shared_prefix: bool = True
+    """Training forward runs each prompt (and its images) once per micro-batch, its completions reading the
+    shared keys/values (same log-probs and gradients, docs/performance.md); false: one prompt copy per
+    completion, the reference path (always used with model.gradient_checkpointing, which drops the cache)."""
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/gpg"
     """Run folder: metrics.jsonl, samples, checkpoint-STEP/."""
-    max_steps: int = 100
+    max_steps: int = option(100, ge=0)
     """Optimizer steps to run."""
-    prompts_per_step: int = 8
+    prompts_per_step: int = option(8, ge=1)
     """B: prompts (groups) per optimizer step, summed over all processes."""
-    seed: int = 0
+    seed: int = option(0, ge=0)
     """Seed for data order, sampling and initialisation."""
-    train_limit: int | None = None
+    train_limit: int | None = option(None, ge=1)
     """Use at most this many training examples (null: all)."""
+    overwrite: bool = False
+    """A fresh run into a folder that holds an earlier run deletes that run's files (config.yaml, logs, tb/,
+    samples, checkpoint-N/) first; false (default): stop with an error instead. Other files are left alone."""
 
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 1
+    log_every: int = option(1, ge=1)
     """Write metrics every N steps (metrics.jsonl always gets every step)."""
     tensorboard: bool = True
     """Write TensorBoard event files to output_dir/tb."""
@@ -165,9 +288,9 @@ class LoggingConfig:
     """Log to Weights & Biases (needs `pip install wandb`)."""
     wandb_project: str = "gpg-vl"
     """W&B project name."""
-    sample_every: int = 10
+    sample_every: int = option(10, ge=0)
     """Every N steps write a few prompts, completions and rewards to samples.jsonl (0: never)."""
-    num_samples: int = 2
+    num_samples: int = option(2, ge=1)
     """How many groups to write each time samples are logged."""
     progress_bar: bool = True
     """Show a tqdm progress bar with the key figures."""
@@ -175,23 +298,23 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    save_every: int = 50
+    save_every: int = option(50, ge=0)
     """Save a checkpoint every N steps (and always at the end); 0 saves only at the end."""
-    keep_last: int = 2
-    """Keep the newest K checkpoints; older ones are deleted after a successful save."""
+    keep_last: int = option(2, ge=0)
+    """Keep the newest K checkpoints; older ones are deleted after a successful save (0 keeps them all)."""
     resume: str | None = None
     """Resume from a checkpoint folder, or `latest` for the newest in output_dir."""
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0
+    every: int = option(0, ge=0)
     """Evaluate on the held-out split every N steps (0: only at the end when `at_end`)."""
     at_end: bool = True
     """Evaluate once after the last step."""
-    batch_size: int = 32
+    batch_size: int = option(32, ge=1)
     """Prompts per generation batch during evaluation."""
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = option(None, ge=1)
     """Completion limit for evaluation (null: rollout.max_new_tokens)."""
 
 
@@ -208,28 +331,91 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def finalize(self) -> "Config":
-        """Check cross-field rules and fill derived values; the one place where that happens."""
+        """The one validation pass, before anything loads: every field against its Rule, the task and its
+        options against the task registry, the algorithm against its registries, the cross-field rules;
+        then fill derived values. Raises ConfigError naming the key."""
         algo = self.algorithm
-        if algo.name not in ("gpg", "grpo", "dr_grpo"):
-            raise ConfigError(f"algorithm.name must be one of gpg, grpo, dr_grpo; got {algo.name!r}")
-        if algo.std_normalize is None:
-            algo.std_normalize = algo.name == "grpo"
-        if algo.loss_agg is None:
-            algo.loss_agg = {"gpg": "token_mean", "grpo": "seq_mean", "dr_grpo": "token_sum_norm"}[algo.name]
-        if algo.name != "grpo" and (algo.kl_coef or algo.num_iterations != 1):
-            raise ConfigError(f"algorithm.kl_coef and num_iterations apply to grpo only, not {algo.name}")
-        if not 0.0 <= algo.min_valid_fraction <= 1.0:
-            raise ConfigError("algorithm.min_valid_fraction must be in [0, 1]")
-        if self.rollout.group_size < 2:
-            raise ConfigError("rollout.group_size must be >= 2: a group of one has no baseline")
-        if self.train.prompts_per_step < 1 or self.train.max_steps < 0:
-            raise ConfigError("train.prompts_per_step must be >= 1 and train.max_steps >= 0")
+        _import_algorithm_plugin(algo)  # a user's algorithms must be registered before `name` is checked
+        for key, value, rule in _rules(self):
+            problem = rule.violation(value)
+            if problem:
+                raise ConfigError(f"{key} {problem}", key)
+        _check_task(self.task)
+        _apply_algorithm_facts(algo)
+        model = self.model
+        if model.min_pixels is not None and model.max_pixels is not None and model.min_pixels > model.max_pixels:
+            raise ConfigError(f"model.min_pixels ({model.min_pixels}) must be <= model.max_pixels ({model.max_pixels})", "model.min_pixels")
+        if model.lora.r > 0 and not model.lora.target_modules:
+            raise ConfigError("model.lora.target_modules must name at least one module when model.lora.r > 0", "model.lora.target_modules")
+        if not algo.valid_on:
+            raise ConfigError("algorithm.valid_on must name a reward component (or total)", "algorithm.valid_on")
         if self.eval.max_new_tokens is None:
             self.eval.max_new_tokens = self.rollout.max_new_tokens
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _rules(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Rule]]:
+    """(dotted key, value, rule) for every field that carries a Rule, nested sections included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _rules(value, f"{prefix}{f.name}.")
+        elif "rule" in f.metadata:
+            yield f"{prefix}{f.name}", value, f.metadata["rule"]
+
+
+def _import_algorithm_plugin(algo: AlgorithmConfig) -> None:
+    from gpg_vl import registry
+
+    try:
+        if algo.plugin:
+            registry.import_plugin(algo.plugin)
+        registry.load_algorithm(algo.name)  # an entry point of that name registers it when imported
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        key = "algorithm.plugin" if algo.plugin else "algorithm.name"
+        raise ConfigError(f"{key}: {e}", key) from None
+
+
+def _check_task(task: TaskConfig) -> None:
+    """The task resolves (its module is imported; no data is read) and every option is a constructor keyword."""
+    from gpg_vl.registry import get_task_class, task_option_names
+
+    try:
+        cls = get_task_class(task.name)
+    except (KeyError, FileNotFoundError, AttributeError, TypeError, ImportError) as e:
+        raise ConfigError(f"task.name: {e.args[0] if e.args else e}", "task.name") from None
+    accepted = task_option_names(cls)
+    unknown = sorted(str(k) for k in task.options if str(k) not in accepted)
+    if unknown:
+        raise ConfigError(
+            f"task.options: task {task.name!r} has no option {', '.join(unknown)}; "
+            f"its options: {', '.join(sorted(accepted)) or '(none)'}", "task.options")
+
+
+def _apply_algorithm_facts(algo: AlgorithmConfig) -> None:
+    """Defaults and accepted options come from the algorithm's registration, whatever its name."""
+    from gpg_vl import algorithms
+
+    try:
+        facts = algorithms.algorithm_facts(algo.name)
+    except KeyError as e:
+        raise ConfigError(f"algorithm.name: {e.args[0]}", "algorithm.name") from None
+    defaults = AlgorithmConfig(std_normalize=facts.std_normalize)
+    for name in algorithms.TUNABLE_OPTIONS:
+        value = getattr(algo, name)
+        if name not in facts.options and value is not None and value != getattr(defaults, name):
+            takes = ", ".join(facts.options) or "none of them"
+            shown = str(value).lower() if isinstance(value, bool) else value  # as written in YAML
+            raise ConfigError(
+                f"algorithm.{name}={shown} does not apply to {algo.name} (of {', '.join(algorithms.TUNABLE_OPTIONS)} "
+                f"it takes {takes}); remove it", f"algorithm.{name}")
+    if algo.std_normalize is None:
+        algo.std_normalize = facts.std_normalize
+    if algo.loss_agg is None:
+        algo.loss_agg = facts.loss_agg
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -281,7 +467,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _apply(obj: Any, data: dict, prefix: str, where: str) -> None:
+def _apply(obj: Any, data: dict, prefix: str, where: str, sources: dict[str, str]) -> None:
+    """Set fields from `data`, recording in `sources` where each dotted key was set (for error messages)."""
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in data.items():
@@ -292,9 +479,10 @@ def _apply(obj: Any, data: dict, prefix: str, where: str) -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: '{dotted}' is a section and needs a mapping, got {value!r}")
-            _apply(current, value, f"{dotted}.", where)
+            _apply(current, value, f"{dotted}.", where, sources)
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted, where))
+            sources[dotted] = where
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -315,8 +503,10 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file (if any) <- `dotted.key=value` overrides, then `finalize()`."""
-    cfg = Config()
+    """Defaults <- YAML file (if any) <- `dotted.key=value` overrides, then `finalize()`.
+
+    Every error is one line that starts with where the faulty key was set: the file, or the override."""
+    cfg, sources = Config(), {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -324,20 +514,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-        _apply(cfg, data, "", str(path))
+        _apply(cfg, data, "", str(path), sources)
     for text in overrides:
         key, value = parse_override(text)
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}
-        _apply(cfg, nested, "", f"command-line override '{text}'")
+        _apply(cfg, nested, "", f"command-line override '{text}'", sources)
     try:
         return cfg.finalize()
     except ConfigError as e:
-        raise ConfigError(f"{path or 'defaults'}: {e}") from None
+        where = sources.get(e.key or "") or path or "defaults"
+        raise ConfigError(f"{where}: {e}", e.key) from None
 
 
 def field_docs(section: type) -> dict[str, str]:
@@ -351,3 +542,65 @@ def field_docs(section: type) -> dict[str, str]:
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = nxt.value.value
     return docs
+
+
+# ---- reference page -----------------------------------------------------------------------------
+
+REFERENCE_BEGIN = "<!-- BEGIN field reference: generated by `python -m gpg_vl.config docs/config.md`; do not edit -->"
+REFERENCE_END = "<!-- END field reference -->"
+
+
+def config_reference() -> str:
+    """Markdown tables of every field: key, type, default, allowed values, docstring (docs/config.md)."""
+    out = []
+    for section, cls, default in _sections(Config(), ""):
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        out += [f"### `{section}`", "", "| key | type | default | allowed | description |", "| --- | --- | --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            value = getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                allowed, shown = "section", f"see `{section}.{f.name}`"
+            else:
+                rule = f.metadata.get("rule")
+                allowed = rule.allowed() if rule else "any"
+                if rule and hints[f.name] is float or (rule and rule.items):
+                    allowed = f"finite, {allowed}"
+                shown = f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            doc = " ".join(docs.get(f.name, "").split()).replace("|", "\\|")
+            kind = "section" if allowed == "section" else _type_text(hints[f.name])
+            out.append(f"| `{section}.{f.name}` | {kind} | {shown} | {allowed.replace('|', '&#124;')} | {doc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _type_text(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if type(None) in args:
+        return " or ".join(_type_text(a) for a in args if a is not type(None)) + " or null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _sections(obj: Any, prefix: str) -> Iterator[tuple[str, type, Any]]:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield f"{prefix}{f.name}", type(value), value
+            yield from _sections(value, f"{prefix}{f.name}.")
+
+
+def write_reference(page: str | Path) -> bool:
+    """Replace the generated region of `page` with `config_reference()`; True when the page changed."""
+    page = Path(page)
+    text = page.read_text()
+    head, rest = text.split(REFERENCE_BEGIN, 1)
+    _, tail = rest.split(REFERENCE_END, 1)
+    new = f"{head}{REFERENCE_BEGIN}\n\n{config_reference()}\n{REFERENCE_END}{tail}"
+    page.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    for page in sys.argv[1:] or ["docs/config.md"]:
+        print(f"{page}: {'updated' if write_reference(page) else 'already up to date'}")

@@ -2,18 +2,21 @@
 
 A group whose G rewards are all equal has zero advantage and gives no gradient. When the share of valid
 (non-equal) groups is below `min_valid_fraction`, more prompts are drawn and rolled out, up to
-`max_resample_attempts` extra rounds; then the batch is filled valid-first to its configured size. All
-counts are summed over processes, so every rank takes the same decisions.
+`max_resample_attempts` extra rounds; then the batch is filled valid-first to its configured size. "Equal"
+is judged on `algorithm.valid_on` (the total reward, or one named component). All counts are summed over
+processes, so every rank takes the same decisions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from gpg_vl import algorithms
+from gpg_vl.config import AlgorithmConfig, ConfigError
 from gpg_vl.rollout.base import Rollout, RolloutEngine, SamplingParams
 from gpg_vl.task import Task
 
@@ -63,11 +66,15 @@ class StepGroups:
     rollout: Rollout  # [B_local*G]
     rewards: torch.Tensor  # [B_local*G]
     components: list[dict[str, float]]  # [B_local*G] named reward parts
-    valid: torch.Tensor  # [B_local] bool: rewards not all equal
+    valid: torch.Tensor  # [B_local] bool: the valid_on values (total or a component) not all equal
     resample_attempts: int  # extra rollout rounds this step took
     global_valid: int  # valid groups in the trained batch, all ranks
     global_groups: int  # B, all ranks
     pool_valid_fraction: float  # share of valid groups among everything rolled out, all ranks
+
+
+def _sum_locally(values: list[int]) -> list[int]:
+    return values
 
 
 def collect_groups(
@@ -75,19 +82,23 @@ def collect_groups(
     engine: RolloutEngine,
     examples: list[dict],
     sampler: PromptSampler,
-    prompts_per_step: int,  # B over all ranks
-    sampling: Callable[[int], SamplingParams],  # attempt -> sampling params (n = G, per-attempt seed)
-    min_valid_fraction: float,
-    max_resample_attempts: int,
+    algo: AlgorithmConfig,
+    sampling: SamplingParams,
+    *,
+    prompts_per_step: int,
     pad_id: int,
-    all_reduce_sum: Callable[[list[int]], list[int]] = lambda xs: xs,
+    all_reduce_sum: Callable[[list[int]], list[int]] = _sum_locally,
 ) -> StepGroups:
-    """Roll out and score groups until the valid share reaches the threshold or attempts run out."""
+    """Roll out and score groups until the valid share reaches beta_th (`algo.min_valid_fraction`) or
+    `algo.max_resample_attempts` extra rounds are spent.
+
+    `sampling` holds the step's parameters (n = G); extra round k samples with seed `sampling.seed + 7k`.
+    `prompts_per_step` is B over all ranks; `all_reduce_sum` sums counts over ranks."""
     pool_examples, pool_prompts, parts, rewards, components = [], [], [], [], []
     attempt = 0
     while True:
         batch = [examples[i] for i in sampler.draw(prompts_per_step)]
-        params = sampling(attempt)
+        params = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + attempt * 7)
         prompts = [task.messages(e) for e in batch]
         rollout = engine.generate(prompts, params)
         for text, index in zip(rollout.texts, rollout.prompt_indices):
@@ -97,10 +108,13 @@ def collect_groups(
         parts.append(rollout)
         pool_examples += batch
         pool_prompts += prompts
-        valid = algorithms.valid_group_mask(torch.tensor(rewards), group_size=params.n)
+        judged = rewards if algo.valid_on == "total" else _component_values(components, algo.valid_on, task)
+        valid = algorithms.valid_group_mask(torch.tensor(judged), group_size=params.n)
         pool_valid, pool_groups = all_reduce_sum([int(valid.sum()), len(valid)])
-        # beta_th compares the valid groups we could train on with the batch size B
-        if pool_valid >= min_valid_fraction * prompts_per_step or attempt >= max_resample_attempts:
+        # beta_th compares the valid groups we could train on with the batch size B (not with the pool)
+        if not algorithms.needs_resampling(pool_valid / prompts_per_step, algo.min_valid_fraction):
+            break
+        if attempt >= algo.max_resample_attempts:
             break
         attempt += 1
 
@@ -126,6 +140,16 @@ def collect_groups(
         global_groups=global_groups,
         pool_valid_fraction=pool_valid / max(pool_groups, 1),
     )
+
+
+def _component_values(components: list[dict[str, float]], name: str, task: Task) -> list[float]:
+    """Per completion, the reward component `valid_on` names; a task that does not report it fails once, clearly."""
+    for parts in components:
+        if name not in parts:
+            reported = ", ".join(["total", *sorted(parts)])
+            raise ConfigError(f"algorithm.valid_on: task {task.name or type(task).__name__!r} reports no reward "
+                              f"component {name!r}; it reports: {reported}", "algorithm.valid_on")
+    return [parts[name] for parts in components]
 
 
 def _offsets(parts: list[Rollout]) -> list[int]:

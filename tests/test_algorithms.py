@@ -332,3 +332,37 @@ def test_grpo_gradient_equals_plain_policy_gradient_on_policy():
     # old_logprobs=None means the same on-policy ratio
     again, _ = algorithms.compute_policy_loss("grpo", logprobs(), adv, mask)
     close(torch.autograd.grad(again, logits)[0], plain_grad, atol=1e-12)
+
+
+def test_registrations_carry_the_facts_the_config_reads():
+    assert algorithms.available_algorithms() == ["dr_grpo", "gpg", "grpo"]
+    gpg, grpo, dr = (algorithms.algorithm_facts(n) for n in ("gpg", "grpo", "dr_grpo"))
+    assert (gpg.std_normalize, gpg.loss_agg, gpg.options) == (False, "token_mean", ("std_normalize",))
+    assert (grpo.std_normalize, grpo.loss_agg) == (True, "seq_mean")
+    assert grpo.options == ("std_normalize", "clip_eps", "kl_coef", "num_iterations")
+    assert (dr.std_normalize, dr.loss_agg, dr.options) == (False, "token_sum_norm", ("clip_eps",))
+    # compute_advantages(std_normalize=None) takes the registered default: grpo divides by the std
+    rewards = torch.tensor([1.0, 0, 0, 1])
+    close(algorithms.compute_advantages("grpo", rewards, group_size=4),
+          algorithms.compute_advantages("grpo", rewards, group_size=4, std_normalize=True))
+
+
+def test_algorithm_facts_errors_name_the_valid_algorithms_or_the_missing_half():
+    with pytest.raises(KeyError, match="unknown algorithm 'ppo'; valid names: dr_grpo, gpg, grpo"):
+        algorithms.algorithm_facts("ppo")
+    try:
+        algorithms.register_advantage("half")(algorithms.compute_gpg_advantages)
+        assert "half" not in algorithms.available_algorithms()  # an estimator alone is not an algorithm
+        with pytest.raises(KeyError, match="has no policy loss; register one with @algorithms.register_policy_loss"):
+            algorithms.algorithm_facts("half")
+    finally:
+        for table in (algorithms.ADVANTAGE_ESTIMATORS, algorithms.DEFAULT_STD_NORMALIZE, algorithms.ADVANTAGE_OPTIONS):
+            table.pop("half", None)
+
+
+def test_registration_rejects_unknown_options():
+    with pytest.raises(ValueError, match="unknown options \\['beta'\\]; valid: clip_eps, kl_coef, num_iterations"):
+        algorithms.register_policy_loss("x", options=("beta",))
+    with pytest.raises(ValueError, match="unknown options"):
+        algorithms.register_advantage("x", options=("clip_eps",))  # clip_eps belongs to the loss
+    assert "x" not in algorithms.POLICY_LOSSES and "x" not in algorithms.ADVANTAGE_ESTIMATORS

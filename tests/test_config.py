@@ -76,3 +76,40 @@ def test_launcher_configs_parse_and_say_how_to_run_them(path):
 
     assert isinstance(yaml.safe_load(path.read_text()), dict)
     assert path.read_text().startswith("# accelerate launch --config_file configs/")
+
+
+def test_a_user_algorithm_is_valid_with_its_registered_defaults_and_options():
+    from gpg_vl import algorithms
+
+    try:
+        @algorithms.register_advantage("mine", std_normalize=True, options=())
+        def mine_advantages(rewards, *, group_size, std_normalize=True, eps=1e-6, atol=1e-6):
+            return rewards
+
+        @algorithms.register_policy_loss("mine", loss_agg="token_sum_norm", options=("kl_coef",))
+        def mine_loss(logprobs, advantages, mask, **_):
+            return -advantages * logprobs, {}
+
+        cfg = load_config(None, ["algorithm.name=mine", "algorithm.kl_coef=0.1"])  # mine takes kl_coef
+        assert (cfg.algorithm.std_normalize, cfg.algorithm.loss_agg) == (True, "token_sum_norm")
+        with pytest.raises(ConfigError, match=r"algorithm.num_iterations=2 does not apply to mine .* it takes kl_coef"):
+            load_config(None, ["algorithm.name=mine", "algorithm.num_iterations=2"])
+        with pytest.raises(ConfigError, match="algorithm.std_normalize=false does not apply to mine"):
+            load_config(None, ["algorithm.name=mine", "algorithm.std_normalize=false"])
+    finally:
+        for table in (algorithms.ADVANTAGE_ESTIMATORS, algorithms.DEFAULT_STD_NORMALIZE, algorithms.ADVANTAGE_OPTIONS,
+                      algorithms.POLICY_LOSSES, algorithms.DEFAULT_LOSS_AGG, algorithms.LOSS_OPTIONS):
+            table.pop("mine", None)
+    with pytest.raises(ConfigError, match="algorithm.name must be one of dr_grpo, gpg, grpo; got 'mine'"):
+        load_config(None, ["algorithm.name=mine"])
+
+
+def test_task_options_are_checked_against_the_constructor_chain():
+    from gpg_vl.registry import get_task_class, task_option_names
+
+    # cvbench's __init__ takes **options and passes them to Task, which accepts none
+    assert task_option_names(get_task_class("cvbench")) >= {"prompt_style", "multi_image", "shuffle_seed"}
+    assert "options" not in task_option_names(get_task_class("cvbench"))
+    with pytest.raises(ConfigError, match="task 'cvbench' has no option prompt; its options: .*prompt_style"):
+        load_config(None, ["task.name=cvbench", "task.options={prompt: base}"])
+    assert load_config(None, ["task.name=cvbench", "task.options={prompt_style: base}"]).task.options == {"prompt_style": "base"}
