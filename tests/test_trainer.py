@@ -20,7 +20,7 @@ TASK = f"{Path(__file__).parent / 'scripted_task.py'}:ScriptedTask"
 
 def args_for(model_dir, out, *extra):
     return [
-        "train", "--task", TASK,
+        "train", f"task.name={TASK}",
         f"model.name_or_path={model_dir}", "model.min_pixels=3136", "model.max_pixels=3136",
         "task.train_data=synthetic:64", "task.options={image_size: 56}",
         "rollout.group_size=4", "rollout.max_new_tokens=6", "train.prompts_per_step=4",
@@ -111,7 +111,7 @@ def test_hub_model_offline_fails_fast_with_advice(tmp_path, capsys):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        code = main(["train", "--task", "shapes", "model.name_or_path=Qwen/Qwen2-VL-2B-Instruct", f"train.output_dir={tmp_path}", "logging.progress_bar=false"])
+        code = main(["train", "task.name=shapes", "model.name_or_path=Qwen/Qwen2-VL-2B-Instruct", f"train.output_dir={tmp_path}", "logging.progress_bar=false"])
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
