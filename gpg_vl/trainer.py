@@ -25,44 +25,25 @@ from accelerate import Accelerator
 
 from gpg_vl import algorithms
 from gpg_vl.checkpoint import CHECKPOINT_PREFIX, load_trainer_state, resolve_resume, save_checkpoint
-from gpg_vl.config import LR_SCHEDULES, Config, load_config
+from gpg_vl.config import LR_SCHEDULES, Config
 from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.images import message_images
 from gpg_vl.logger import RunLogger
 from gpg_vl.logprobs import compute_token_logprobs
 from gpg_vl.modeling import check_model_source, load_policy, resolve_model_path
+from gpg_vl.recipes import add_arguments, config_from_args, config_to_yaml  # noqa: F401 (the `train` verb's CLI)
 from gpg_vl.registry import get_task
 from gpg_vl.rollout import SamplingParams, make_engine
 
-RECIPES = Path(__file__).resolve().parent.parent / "configs"
-
-
-# ---- CLI ---------------------------------------------------------------------------------------
-
-
-def add_arguments(p, verb: str) -> None:
-    p.add_argument("--config", help="YAML recipe (e.g. configs/quickstart.yaml)")
-    p.add_argument("--task", help="task name; loads configs/<task>.yaml as the recipe when it exists")
-    p.add_argument("--resume", nargs="?", const="latest", help="resume from a checkpoint folder (default: latest in output_dir)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.max_steps=2 algorithm.name=grpo")
-
-
-def config_from_args(args) -> Config:
-    """Recipe of --task (if any), then --config, then overrides; --task and --resume win over both."""
-    overrides = list(args.overrides)
-    path = args.config
-    if args.task:
-        recipe = RECIPES / f"{args.task}.yaml"
-        if path is None and recipe.is_file():
-            path = recipe
-        overrides.append(f"task.name={args.task}")
-    if args.resume:
-        overrides.append(f"checkpoint.resume={args.resume}")
-    return load_config(path, overrides)
+# ---- CLI: the arguments and the recipes live in gpg_vl.recipes ----------------------------------
 
 
 def run(args) -> int:
-    train(config_from_args(args))
+    cfg = config_from_args(args)
+    if args.print_config:
+        print(config_to_yaml(cfg), end="")  # nothing loaded: the config is all there is to show
+        return 0
+    train(cfg)
     return 0
 
 

@@ -37,7 +37,7 @@ def trained_run(tmp_path_factory):
     model = make_tiny(root / "tiny", seed=0)
     out = root / "run"
     args = [
-        "train", "--task", TASK, f"model.name_or_path={model}", "model.min_pixels=3136", "model.max_pixels=3136",
+        "train", f"task.name={TASK}", f"model.name_or_path={model}", "model.min_pixels=3136", "model.max_pixels=3136",
         "task.train_data=synthetic:32", "task.options={image_size: 56}", "rollout.group_size=4",
         "rollout.max_new_tokens=6", "train.prompts_per_step=4", "train.max_steps=2", f"train.output_dir={out}",
         "eval.at_end=false", "logging.progress_bar=false", "logging.tensorboard=false", "logging.sample_every=1",
