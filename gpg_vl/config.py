@@ -1,7 +1,9 @@
 """The whole run configuration as typed dataclasses, filled from YAML then `dotted.key=value` overrides.
 
-One source of truth: every field has a docstring (the string under it), unknown keys and wrong types fail
-with the key and the file named, and derived values are computed in `Config.finalize()` alone.
+One source of truth: every field has a docstring (the string under it) and its allowed values (`option()`);
+`Config.finalize()` is the one validation pass (ranges, the task and its options, the algorithm's facts from
+its registries) and the one place derived values are computed. Every mistake is one line naming the file or
+override that set the key, before any model or data loads. docs/config.md is generated from this file.
 """
 
 from __future__ import annotations
@@ -374,7 +376,7 @@ def _import_algorithm_plugin(algo: AlgorithmConfig) -> None:
         if algo.plugin:
             registry.import_plugin(algo.plugin)
         registry.load_algorithm(algo.name)  # an entry point of that name registers it when imported
-    except (FileNotFoundError, ImportError, ValueError) as e:
+    except (FileNotFoundError, ImportError, SyntaxError, ValueError) as e:
         key = "algorithm.plugin" if algo.plugin else "algorithm.name"
         raise ConfigError(f"{key}: {e}", key) from None
 

@@ -162,3 +162,15 @@ def test_docs_config_md_is_up_to_date_with_the_dataclasses():
         "docs/config.md is stale: run `.venv/bin/python -m gpg_vl.config docs/config.md`")
     for key in ("rollout.temperature", "model.lora.dropout", "algorithm.valid_on", "optim.name"):
         assert f"`{key}`" in generated
+
+
+def test_a_plugin_that_fails_to_import_is_one_line_naming_it(tmp_path, capsys):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("def oops(:\n")
+    assert main(["train", "--config", str(QUICKSTART), f"algorithm.plugin={plugin}", f"train.output_dir={tmp_path}/run"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "algorithm.plugin: " in line and "broken.py" in line
+    plugin.write_text("import no_such_module_xyz\n")  # fixed syntax, missing dependency: imported afresh
+    assert main(["train", "--config", str(QUICKSTART), f"algorithm.plugin={plugin}", f"train.output_dir={tmp_path}/run"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("algorithm.plugin: No module named 'no_such_module_xyz'")
