@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
                         help="checkpoint folder, hub id or builtin:<preset> (repeat to compare); its checkpoint-STEP subfolders are offered too")
     parser.add_argument("--run", action="extend", nargs="+", default=[], metavar="RUN_FOLDER",
                         help="training run folder: pick among its checkpoint-STEP folders and see its metrics.jsonl curves")
-    parser.add_argument("--task", default="shapes", help="task whose examples and rewards are used (default: shapes)")
+    parser.add_argument("--task", default=None, help="task whose examples and rewards are used (default: the first --run's task, else shapes)")
     parser.add_argument("--data", default=None, help="examples to browse: hub id or local path (default: the task's eval data)")
     parser.add_argument("--split", default=None, help="split of --data (default: the task's eval split)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -75,6 +75,20 @@ def check_options(args: argparse.Namespace) -> str | None:
     return None
 
 
+def run_task(runs: list[str], fallback: str = "shapes") -> str:
+    """The task the first of `runs` trained on (its config.yaml's task.name), else `fallback`."""
+    import yaml
+
+    for folder in runs:
+        try:
+            name = yaml.safe_load((Path(folder).expanduser() / "config.yaml").read_text())["task"]["name"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            continue
+        if isinstance(name, str) and name:
+            return name
+    return fallback
+
+
 def run(args: argparse.Namespace) -> int:
     problem = check_options(args)
     if problem:
@@ -84,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"gpg-vl demo: warning: reachable beyond this machine ({'share link' if args.share else args.host}); "
               "anyone who can open it can run the listed checkpoints", file=sys.stderr)
     try:
-        app = build_app(args.model, args.run, task=args.task, data=args.data, split=args.split)
+        app = build_app(args.model, args.run, task=args.task or run_task(args.run), data=args.data, split=args.split)
     except (KeyError, TypeError, ValueError) as e:  # unknown task name or task options
         print(f"gpg-vl demo: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2

@@ -563,3 +563,15 @@ def test_upload_prompts_come_from_the_tasks_conversation(folders):
                     {"role": "assistant", "content": "<think>"}]
     with pytest.raises(UploadError, match="Type a question"):
         upload_prompt(image, "   ", backend.task("instruct"))
+
+
+def test_task_defaults_to_the_runs_own(tmp_path):
+    from gpg_vl_demo.app import run_task
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert run_task([str(run)]) == "shapes"  # no config.yaml yet
+    (run / "config.yaml").write_text("task:\n  name: cvbench\n")
+    assert run_task([str(tmp_path / "missing"), str(run)]) == "cvbench"
+    (run / "config.yaml").write_text("{ not yaml")
+    assert run_task([str(run)], fallback="lisa") == "lisa"
