@@ -10,17 +10,15 @@ shape-and-colour classes offline.
 from __future__ import annotations
 
 import os
-import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-
 from gpg_vl.data import DataError, read_records, resolve_image_ref, synthetic_spec, to_pil
 from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
+from gpg_vl_tasks.classification_synthetic import make_synthetic_examples
 
 # dataset option -> (hub id of the 4-shot training set, question); questions as in Visual-RFT's
 # classification/Qwen2_VL_classification_infere.py, the think/answer instruction follows on a new line.
@@ -42,11 +40,7 @@ DATASETS = {
         "This is an image containing a car. Please identify the model of the car based on the image.",
     ),
 }
-SYNTHETIC_QUESTION = (
-    "This is an image containing a shape. Please identify the colour and kind of the shape based on the image."
-)
-
-_ANY_TAG = re.compile(r"</?(?:think|answer)>")
+_TAG = re.compile(r"</?(?:think|answer)>")
 _SPACES_UNDERSCORES = re.compile(r"[\s_]+")
 
 
@@ -191,46 +185,10 @@ def class_matches(answer: str | None, label: str, match: str = "exact") -> bool:
     Visual-RFT's rule. Its flaws: an empty answer is inside every label and scores 1, and a label inside a
     longer one matches it (Flowers102's `rose` is inside `pink primrose`, so either answer passes for both).
     """
-    if answer is None or _ANY_TAG.search(answer):
+    if answer is None or _TAG.search(answer):
         return False
     a, b = normalise_class(answer), normalise_class(label)
     return a == b if match == "exact" else (a in b or b in a)
-
-
-# ---- offline twin --------------------------------------------------------------------------------
-SYNTHETIC_COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (225, 190, 20)}
-SYNTHETIC_SHAPES = ("circle", "square", "triangle")
-SYNTHETIC_CLASSES = [f"{c} {s}" for c in SYNTHETIC_COLOURS for s in SYNTHETIC_SHAPES]
-
-
-def make_synthetic_examples(size: int, seed: int, image_size: int = 112, split: str = "synthetic") -> list[dict]:
-    """`size` images of one drawn object each; the class is "<colour> <shape>" (12 classes), balanced."""
-    examples = []
-    for i in range(size):
-        rng = random.Random(f"classification-synthetic:{seed}:{i}")
-        label = SYNTHETIC_CLASSES[i % len(SYNTHETIC_CLASSES)]
-        examples.append(
-            {"id": f"synthetic-{split}-{i}", "image": _draw(rng, label, image_size), "label": label,
-             "question": SYNTHETIC_QUESTION, "problem": None, "dataset": "synthetic"}
-        )
-    return examples
-
-
-def _draw(rng: random.Random, label: str, size: int) -> Image.Image:
-    colour, shape = label.split()
-    shade = rng.randint(225, 250)  # background varies so images differ beyond position and size
-    image = Image.new("RGB", (size, size), (shade, shade, shade))
-    r = rng.uniform(0.2, 0.32) * size
-    cx, cy = (rng.uniform(r + 2, size - r - 2) for _ in range(2))
-    draw, fill = ImageDraw.Draw(image), SYNTHETIC_COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        h = r * 3**0.5 / 2
-        draw.polygon([(cx, cy - r), (cx - h, cy + r / 2), (cx + h, cy + r / 2)], fill=fill)
-    return image
 
 
 # ---- label lists ---------------------------------------------------------------------------------

@@ -16,14 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from gpg_vl.data import DataError, read_records, resolve_image_ref, synthetic_spec, to_pil
-from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
+from gpg_vl.parsing import LETTERS, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
 from gpg_vl.task import RewardOutput, Task
-from gpg_vl_tasks.cvbench_synthetic import LETTERS, make_rows, render_prompt
+from gpg_vl_tasks.cvbench_synthetic import make_rows, render_prompt
 
 CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
-
-_ANY_TAG = re.compile(r"</?(?:think|answer)>")
-
 
 class CVBenchTask(Task):
     name = "cvbench"
@@ -93,7 +90,7 @@ class CVBenchTask(Task):
         choices = [str(a) for a in _as_list(row.get("answers"))]
         correct = row.get("correct_answer")
         if not choices or len(choices) > len(LETTERS) or correct is None or str(correct) not in choices:
-            raise DataError(f"{where}: 'correct_answer' {correct!r} must be one of 1-8 'answers' {choices!r}")
+            raise DataError(f"{where}: 'correct_answer' {correct!r} must be one of 1-{len(LETTERS)} 'answers' {choices!r}")
         # SAT lists the right answer at a fixed position; a seeded shuffle per row removes that shortcut.
         random.Random(f"{self.shuffle_seed}:{index}").shuffle(choices)
         question = _text(row, "question", where)
@@ -186,10 +183,6 @@ def lmms_eval_overall(examples: Sequence[dict], correct: Sequence[float]) -> flo
     for (kind, _), values in per_source.items():
         per_type[kind].append(_mean(values))
     return _mean([_mean(v) for v in per_type.values()]) if per_type else None
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split()).strip(" .")
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -13,36 +13,17 @@ import random
 
 from PIL import Image, ImageDraw
 
+from gpg_vl.parsing import LETTERS
+from gpg_vl_tasks._synthetic import BACKGROUND, COLOURS, draw_shape
+
 TASKS = ("Count", "Relation", "Depth", "Distance")
-BACKGROUND = (240, 240, 240)
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (30, 160, 60),
-    "blue": (40, 80, 220),
-    "yellow": (225, 190, 20),
-    "purple": (140, 60, 180),
-    "orange": (240, 120, 20),
-}
 SHAPES = ("circle", "square", "triangle")
-LETTERS = "ABCDEFGH"
 
 
 def render_prompt(question: str, choices: list[str]) -> str:
     """CV-Bench's own `prompt` layout: the question, then one lettered option a line."""
     options = "\n".join(f"({LETTERS[i]}) {choice}" for i, choice in enumerate(choices))
     return f"{question} Select from the following choices.\n{options}"
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour: str) -> None:
-    """A filled shape inscribed in the circle (cx, cy, r); its area centroid is (cx, cy) for all three kinds."""
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        h = r * math.sqrt(3) / 2
-        draw.polygon([(cx, cy - r), (cx - h, cy + r / 2), (cx + h, cy + r / 2)], fill=fill)
 
 
 def _objects(rng: random.Random, n: int) -> list[tuple[str, str]]:

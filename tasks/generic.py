@@ -18,7 +18,7 @@ from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref,
 from gpg_vl.parsing import LETTERS, THINK_ANSWER_INSTRUCTION
 from gpg_vl.rewards import Target, accuracy_component, build_rewards, combine, score_batch
 from gpg_vl.task import RewardOutput, Task
-from gpg_vl_tasks.shapes import COLORS, SHAPES, draw_shape
+from gpg_vl_tasks.shapes import COLORS, SHAPES, draw_image
 
 PROMPT_STYLES = ("instruct", "base")
 DEFAULT_REWARDS = {"format": 1.0, "exact": 1.0}
@@ -128,7 +128,7 @@ class GenericTask(Task):
             colour, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
             rows.append({
                 "id": f"synthetic-{split}-{i}",
-                self.image_column: draw_shape(shape, COLORS[colour], self.synthetic_image_size, rng),
+                self.image_column: draw_image(shape, colour, self.synthetic_image_size, rng),
                 self.question_column: f"{SYNTHETIC_QUESTION}\n{options}",
                 self.answer_column: colour,
                 "choices": list(COLORS),

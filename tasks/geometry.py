@@ -1,41 +1,34 @@
 """GEOQA geometry as R1-V: a figure and a question, a numeric answer graded by mathematical equivalence.
 
 Trains on `leonardPKU/GEOQA_R1V_Train_8K` and evaluates on R1-V's `geoqa_test_prompts.jsonl`. math-verify
-runs in one worker process with a deadline per call: its own timeout is `signal.alarm`, which works on the
-main thread only, and sympy can hang on inputs like `9^{9^{9}}`. So grading is bounded in time, never raises
-and scores the same on any thread. `synthetic[:N]` draws triangles with given angles or sides instead.
+runs in worker processes (`gpg_vl.mathverify`) with a deadline per call; a cheap pre-check keeps answers
+built to stall sympy away from it, and `metrics` grades a batch on all workers within a time budget.
+`synthetic[:N]` draws triangles with given angles or sides instead.
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
-import io
-import json
 import math
-import os
-import queue
-import random
 import re
-import subprocess
-import sys
-import threading
-import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
-
 from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref, synthetic_spec, to_pil
+from gpg_vl.mathverify import Check, shared_pool
 from gpg_vl.parsing import extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
+from gpg_vl_tasks.geometry_synthetic import make_synthetic
 
 # R1-V's test prompt (src/eval/test_qwen2vl_geoqa.py); its training script puts two spaces before it.
 INSTRUCTION = "Output the thinking process in <think> </think> and final answer (number) in <answer> </answer> tags."
 PROMPT_STYLES = ("instruct", "base")
 MAX_ANSWER_CHARS = 1_000  # a strict answer longer than this is not a number; it is graded wrong unparsed
 MAX_OUTPUT_CHARS = 20_000  # r1v parses at most the last 20k characters (R1-V's outputs stop at 1024 tokens)
+# Bounds of a strict answer worth a math-verify call (see `strict_checkable`); GEOQA's answers sit far inside.
+MAX_EXPRESSION_CHARS = 120
+MAX_NESTING = 6
+MAX_POWERS = 2
 
 
 class GeometryTask(Task):
@@ -47,14 +40,25 @@ class GeometryTask(Task):
     default_eval_data = None  # R1-V ships the test set as a JSONL in its repository, not on the hub
 
     def __init__(
-        self, prompt_style: str = "instruct", image_root: str | None = None, verify_timeout_s: float = 5.0, **options
+        self,
+        prompt_style: str = "instruct",
+        image_root: str | None = None,
+        verify_timeout_s: float = 5.0,
+        grading_budget_s: float | None = None,
+        **options,
     ):
+        """verify_timeout_s: deadline of one math-verify call. grading_budget_s: the most one `metrics` call
+        spends in math-verify per protocol (r1v, strict); default max(30 s, 0.5 s per completion), far above
+        what real answers need (tens of ms each). Answers still ungraded then count as wrong, with a warning."""
         super().__init__(**options)
         if prompt_style not in PROMPT_STYLES:
             raise ValueError(f"geometry: prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
         if not verify_timeout_s > 0:
             raise ValueError(f"geometry: verify_timeout_s must be positive, got {verify_timeout_s!r}")
+        if grading_budget_s is not None and not grading_budget_s > 0:
+            raise ValueError(f"geometry: grading_budget_s must be positive, got {grading_budget_s!r}")
         self.prompt_style, self.image_root, self.verify_timeout_s = prompt_style, image_root, float(verify_timeout_s)
+        self.grading_budget_s = None if grading_budget_s is None else float(grading_budget_s)
 
     def load(self, path: str | None = None, split: str = "train") -> list[dict]:
         path = path or (self.default_train_data if split == "train" else self.default_eval_data)
@@ -94,12 +98,13 @@ class GeometryTask(Task):
         if not examples:
             return {"r1v": 0.0, "strict": 0.0}
         texts = [c if isinstance(c, str) else "" for c in completions]
-        r1v = [grade_r1v(c, ex["ground_truth"], self.verify_timeout_s) for ex, c in zip(examples, texts)]
-        strict = [self.score(c, ex).components["accuracy"] for ex, c in zip(examples, completions)]
+        truths = [ex["ground_truth"] for ex in examples]
+        # Each protocol grades its batch on all math-verify workers at once, within its own budget.
+        budget = self.grading_budget_s or max(30.0, 0.5 * len(texts))
+        r1v = grade_r1v_many(texts, truths, self.verify_timeout_s, budget)
+        answers = [extract_answer(self.full_completion(c)) for c in texts]
+        strict = grade_strict_many(answers, truths, self.verify_timeout_s, budget)
         return {"r1v": sum(r1v) / len(examples), "strict": sum(strict) / len(examples)}
-
-    def parse_answer(self, completion: str) -> str | None:
-        return extract_answer(self.full_completion(completion))
 
     def record_fields(self, example: dict) -> dict[str, Any]:
         fields = {k: example[k] for k in ("id", "question", "ground_truth", "kind") if k in example}
@@ -158,9 +163,9 @@ _SQRT_CALL = re.compile(r"\\?sqrt\s*\(([^()]*)\)")  # "2sqrt(3)" -> "2\sqrt{3}"
 _PLAIN_PI = re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])")  # "8pi" -> "8\pi"
 _NUMBER = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)$")
 _WORD = re.compile(r"[A-Za-z]{2,}")
-# Powers with a 4+ digit or nested exponent, and factorials, make sympy compute for minutes; no GEOQA answer
+# Powers with a 3+ digit or nested exponent, and factorials, make sympy compute for minutes; no GEOQA answer
 # has one, so they are graded wrong without asking math-verify.
-_HANG_PRONE = re.compile(r"\^\s*\{?\s*[\d.]{4,}|\^\s*\{[^{}]*\^|\^\s*\d+\s*\^|!")
+_HANG_PRONE = re.compile(r"\^\s*\{?\s*(?:\d{3}|[\d.]{4})|\^\s*\{[^{}]*\^|\^\s*\d+\s*\^|!")
 
 
 @functools.lru_cache(maxsize=65536)
@@ -181,13 +186,32 @@ def normalize_answer(text: str) -> str:
     return _SQRT_BARE.sub(r"\\sqrt{\1}", s).strip()
 
 
+def strict_checkable(answer: str | None) -> str | None:
+    """The normalised <answer> content when it is worth asking math-verify about, else None (graded wrong).
+
+    The cheap pre-check that keeps hostile answers from the worker's deadline: GEOQA answers are short
+    expressions (`2\\sqrt{3}`, `\\frac{25\\pi}{6}`), so an answer too long or too deeply nested, with prose
+    left over, a big or nested power or a factorial, is wrong without a call. Each of those made sympy run
+    past the 5 s deadline (a `\\sqrt{` nested 300 deep, `(((9^{99})^{99})^{99})^{99}`).
+    """
+    if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return None
+    pred = normalize_answer(answer)
+    if _NUMBER.match(pred):
+        return pred  # compared as a float, never sent to math-verify
+    if not pred or len(pred) > MAX_EXPRESSION_CHARS or _WORD.search(re.sub(r"\\[A-Za-z]+", "", pred)):
+        return None
+    if _HANG_PRONE.search(pred) or pred.count("^") > MAX_POWERS or _depth(pred) > MAX_NESTING:
+        return None
+    return pred
+
+
 def grade_strict(answer: str | None, ground_truth: str, timeout_s: float = 5.0) -> bool:
     """True when the <answer> content equals the ground truth mathematically (units and `°` ignored)."""
-    if not answer or len(answer) > MAX_ANSWER_CHARS:
+    pred = strict_checkable(answer)
+    if pred is None:
         return False
-    pred, gold = normalize_answer(answer), normalize_answer(ground_truth)
-    if not pred or _WORD.search(re.sub(r"\\[A-Za-z]+", "", pred)) or _HANG_PRONE.search(pred):
-        return False  # prose left over, or an expression built to stall sympy
+    gold = normalize_answer(ground_truth)
     if _NUMBER.match(pred) and _NUMBER.match(gold):
         return math.isclose(float(pred), float(gold), rel_tol=1e-9, abs_tol=1e-9)  # the common case, no worker
     return _verify("strict", f"${gold}$", f"${pred}$", timeout_s)
@@ -195,222 +219,52 @@ def grade_strict(answer: str | None, ground_truth: str, timeout_s: float = 5.0) 
 
 def grade_r1v(output: str, ground_truth: str, timeout_s: float = 5.0) -> bool:
     """R1-V's test-script rule: `verify(parse(output), parse(ground_truth))` on the whole output."""
-    return _WORKER.check("r1v", ground_truth, output[-MAX_OUTPUT_CHARS:], timeout_s)
+    return shared_pool().verify(Check("r1v", ground_truth, output[-MAX_OUTPUT_CHARS:]), timeout_s)
+
+
+def grade_r1v_many(
+    outputs: Sequence[str], ground_truths: Sequence[str], timeout_s: float = 5.0, budget_s: float | None = None
+) -> list[bool]:
+    """`grade_r1v` over a batch on all math-verify workers at once, the whole batch within `budget_s`."""
+    checks = [Check("r1v", gt, out[-MAX_OUTPUT_CHARS:]) for out, gt in zip(outputs, ground_truths, strict=True)]
+    return shared_pool().verify_many(checks, timeout_s, budget_s)
+
+
+def grade_strict_many(
+    answers: Sequence[str | None], ground_truths: Sequence[str], timeout_s: float = 5.0, budget_s: float | None = None
+) -> list[bool]:
+    """`grade_strict` over a batch: numbers compared here, the rest on all workers at once within `budget_s`."""
+    verdicts: list[bool | None] = []
+    asks: dict[Check, list[int]] = {}  # a group of rollouts repeats answers: one call per distinct question
+    for i, (answer, truth) in enumerate(zip(answers, ground_truths, strict=True)):
+        pred, gold = strict_checkable(answer), normalize_answer(truth)
+        if pred is None:
+            verdicts.append(False)
+        elif _NUMBER.match(pred) and _NUMBER.match(gold):
+            verdicts.append(math.isclose(float(pred), float(gold), rel_tol=1e-9, abs_tol=1e-9))
+        else:
+            verdicts.append(None)
+            asks.setdefault(Check("strict", f"${gold}$", f"${pred}$"), []).append(i)
+    for check, ok in zip(asks, shared_pool().verify_many(list(asks), timeout_s, budget_s)):
+        for i in asks[check]:
+            verdicts[i] = ok
+    return [bool(v) for v in verdicts]
 
 
 @functools.lru_cache(maxsize=65536)
 def _verify(op: str, gold: str, pred: str, timeout_s: float) -> bool:
     # Cached (short answers only): a group of rollouts repeats answers, and a string that timed out once
     # would time out again.
-    return _WORKER.check(op, gold, pred, timeout_s)
+    return shared_pool().verify(Check(op, gold, pred), timeout_s)
 
 
-class _MathVerifyWorker:
-    """One child process running math-verify; each call waits at most `timeout_s` for its reply.
-
-    A call that overruns kills the child (a fresh one starts on the next call) and counts as wrong. Calls
-    from several threads take turns. The child only needs `math_verify`, so it starts in about a second.
-    """
-
-    STARTUP_TIMEOUT_S = 120.0
-
-    def __init__(self) -> None:
-        self._owner = os.getpid()
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen | None = None
-        self._replies: queue.Queue = queue.Queue()
-        self._next_id = 0
-        self._failed = False
-
-    def check(self, op: str, gold: str, pred: str, timeout_s: float) -> bool:
-        if self._owner != os.getpid():
-            self.__init__()  # a forked copy (e.g. a data-loader worker) must not share the parent's pipes
-        with self._lock:
-            if self._failed:
-                return False
-            try:
-                return self._ask({"op": op, "gold": gold, "pred": pred}, timeout_s)
-            except Exception as e:  # a broken pipe or a dead child must not stop training
-                self.stop()
-                warnings.warn(f"geometry: math-verify worker failed ({type(e).__name__}: {e}); graded as wrong")
-                return False
-
-    def _ask(self, request: dict, timeout_s: float) -> bool:
-        proc = self._proc if self._proc is not None and self._proc.poll() is None else self._start()
-        if proc is None:
-            return False
-        self._next_id += 1
-        proc.stdin.write(json.dumps({**request, "id": self._next_id}) + "\n")
-        proc.stdin.flush()
-        reply = self._reply(time.monotonic() + timeout_s, self._next_id)
-        if reply is None:
-            self.stop()  # hung or died: sympy cannot be interrupted, so the process goes
-            return False
-        return bool(reply.get("ok"))
-
-    def _reply(self, deadline: float, wanted: int | str) -> dict | None:
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                reply = self._replies.get(timeout=remaining)
-            except queue.Empty:
-                return None
-            if reply is None:  # end of the child's stdout
-                return None
-            if reply.get("id") == wanted:
-                return reply
-        return None
-
-    def _start(self) -> subprocess.Popen | None:
-        self.stop()
-        self._replies = queue.Queue()
-        code = "from gpg_vl_tasks.geometry import serve_math_verify; serve_math_verify()"
-        # The child sees the parent's import path, so a source checkout works as well as an install.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code],
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            encoding="utf-8",
-            bufsize=1,
-        )
-        threading.Thread(target=_pump, args=(proc.stdout, self._replies), daemon=True).start()
-        self._proc = proc
-        if self._reply(time.monotonic() + self.STARTUP_TIMEOUT_S, "ready") is None:
-            self.stop()
-            self._failed = True  # do not pay a two-minute start on every answer
-            warnings.warn("geometry: the math-verify worker did not start; non-numeric answers are graded as wrong")
-            return None
-        return proc
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None and self._owner == os.getpid():
-            proc.kill()
-            proc.wait()
-
-
-def _pump(stream, replies: queue.Queue) -> None:
-    """Reader thread: the child's reply lines into a queue, None at end of stream."""
-    for line in stream:
-        try:
-            replies.put(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    replies.put(None)
-
-
-_WORKER = _MathVerifyWorker()
-atexit.register(_WORKER.stop)
-
-
-def serve_math_verify() -> None:
-    """The worker's main loop: JSON requests on stdin, one JSON reply per line on stdout."""
-    import logging
-
-    try:
-        import resource
-
-        # A runaway sympy integer fails with MemoryError instead of swapping the machine.
-        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
-    except (ImportError, ValueError, OSError):
-        pass
-    logging.disable(logging.WARNING)  # math-verify warns on every call that its own timeout is off
-    from math_verify import parse, verify
-
-    out, sys.stdout = sys.stdout, sys.stderr  # stray prints must not corrupt the reply stream
-
-    @functools.lru_cache(maxsize=2048)  # ground truths repeat; whole r1v outputs (<= 20k chars) rarely do
-    def parsed(text: str):
-        # Timeouts off: they use signal.alarm; the parent's deadline bounds the call instead.
-        return parse(text, parsing_timeout=None)
-
-    def answer(request: dict) -> bool:
-        if request["op"] == "r1v":  # R1-V: verify(parse(output), parse(ground_truth)), argument order kept
-            return verify(parsed(request["pred"]), parsed(request["gold"]), timeout_seconds=None)
-        return verify(parsed(request["gold"]), parsed(request["pred"]), timeout_seconds=None)
-
-    parsed("$1$")  # builds math-verify's grammars before "ready", so the first deadline is not spent on it
-    out.write(json.dumps({"id": "ready"}) + "\n")
-    out.flush()
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            ok = bool(answer(request))
-        except Exception:  # MemoryError and sympy errors are wrong answers
-            ok = False
-        out.write(json.dumps({"id": request["id"], "ok": ok}) + "\n")
-        out.flush()
-
-
-# ---- the synthetic twin -------------------------------------------------------------------------
-
-_TRIPLES = ((3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25), (6, 8, 10), (9, 12, 15))
-
-
-def make_synthetic(size: int, seed: int) -> list[dict]:
-    """`size` drawn triangle problems in GEOQA's style; example i depends only on (seed, i)."""
-    return [_synthetic_example(random.Random(seed * 1_000_003 + i), i) for i in range(size)]
-
-
-def _synthetic_example(rng: random.Random, index: int) -> dict:
-    kind = rng.choice(("third_angle", "isosceles", "hypotenuse"))
-    if kind == "third_angle":
-        a, b = rng.randint(25, 95), rng.randint(25, 95)
-        while a + b > 155:
-            a, b = rng.randint(25, 95), rng.randint(25, 95)
-        question = f"in triangle ABC, angle A = {a}.0, angle B = {b}.0, then the degree of angle C is ()"
-        answer, points, labels = f"{180 - a - b}°", _triangle(a, b), {"A": f"{a}°", "B": f"{b}°"}
-    elif kind == "isosceles":
-        apex = rng.randrange(20, 141, 2)  # even, so the base angles are whole degrees
-        question = f"in triangle ABC, AB = AC, angle A = {apex}.0, then the degree of angle B is ()"
-        base = (180 - apex) // 2
-        answer, points, labels = f"{base}°", _triangle(base, base, apex_name="A"), {"A": f"{apex}°"}
-    else:
-        k = rng.randint(1, 3)
-        ac, bc, ab = (k * n for n in rng.choice(_TRIPLES))
-        question = f"in triangle ABC, angle C = 90.0, AC = {ac}.0, BC = {bc}.0, then the length of AB is ()"
-        points = {"C": (0.0, 0.0), "A": (0.0, float(ac)), "B": (float(bc), 0.0)}
-        answer, labels = f"{ab}cm", {"AC": str(ac), "BC": str(bc)}
-    return {
-        "id": f"synthetic-{index}",
-        "image": _draw(points, labels),
-        "question": f"As shown in the figure, {question}",  # GEOQA's opening
-        "ground_truth": answer,
-        "kind": kind,
-    }
-
-
-def _triangle(angle_a: float, angle_b: float, apex_name: str = "C") -> dict[str, tuple[float, float]]:
-    """Vertices (y up) of a triangle with the given base angles on a unit base; the apex gets `apex_name`."""
-    ra, rb = math.radians(angle_a), math.radians(angle_b)
-    side = math.sin(rb) / math.sin(ra + rb)  # law of sines: the side from the first base vertex to the apex
-    names = [n for n in "ABC" if n != apex_name]
-    return {names[0]: (0.0, 0.0), names[1]: (1.0, 0.0), apex_name: (side * math.cos(ra), side * math.sin(ra))}
-
-
-def _draw(points: dict[str, tuple[float, float]], labels: dict[str, str], size: int = 224) -> bytes:
-    """PNG bytes of the triangle fitted into a square canvas, vertex names and the given values written on it."""
-    xs, ys = [p[0] for p in points.values()], [p[1] for p in points.values()]
-    scale = (size - 64) / max(max(xs) - min(xs), max(ys) - min(ys))
-    pixel = {n: (32 + (x - min(xs)) * scale, size - 32 - (y - min(ys)) * scale) for n, (x, y) in points.items()}
-    cx, cy = sum(p[0] for p in pixel.values()) / 3, sum(p[1] for p in pixel.values()) / 3
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default(size=14)
-    draw.polygon(list(pixel.values()), outline="black", width=2)
-    for name, (x, y) in pixel.items():
-        dx, dy = x - cx, y - cy  # vertex names go outside the triangle, given values inside
-        norm = math.hypot(dx, dy) or 1.0
-        draw.text((x + 14 * dx / norm, y + 14 * dy / norm), name, fill="black", font=font, anchor="mm")
-        if name in labels:
-            draw.text((x - 26 * dx / norm, y - 26 * dy / norm), labels[name], fill="blue", font=font, anchor="mm")
-    for side, text in labels.items():
-        if len(side) == 2:
-            (x1, y1), (x2, y2) = pixel[side[0]], pixel[side[1]]
-            draw.text(((x1 + x2) / 2 + 10, (y1 + y2) / 2 - 10), text, fill="blue", font=font, anchor="mm")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+def _depth(text: str) -> int:
+    """The deepest nesting of (), {} and [] in `text`."""
+    depth = deepest = 0
+    for char in text:
+        if char in "({[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in ")}]":
+            depth -= 1
+    return deepest

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref, synthetic_spec, to_pil
 from gpg_vl.images import smart_resize
@@ -30,6 +30,7 @@ from gpg_vl_tasks._boxes import (
     parse_point_pair_box,
     rescale_box,
 )
+from gpg_vl_tasks.grounding_synthetic import draw_scene
 
 # Visual-RFT's LISA training prompt (grpo_lisa.py + gen_sft.py), typos included: the policy was trained on it.
 LISA_PROMPT = (
@@ -349,54 +350,3 @@ def _lisa_from_conversation(row: dict, index: int, base_dir: str | None, where: 
         "width": width,
         "height": height,
     }
-
-
-# ---- the synthetic twin -------------------------------------------------------------------------
-
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 160, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 190, 20),
-    "purple": (140, 60, 180),
-}
-SHAPES = ("circle", "square", "triangle")
-
-
-def draw_scene(rng: random.Random) -> dict:
-    """2-4 shapes of distinct colour/shape pairs on an odd-sized canvas; the first one is the target.
-
-    Sides are not multiples of 28, so RefCOCO's resize-and-map-back is exercised. Returns PNG bytes, the size,
-    the target's description ("the red circle") and its pixel box.
-    """
-    width, height = rng.randint(200, 320), rng.randint(160, 280)
-    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], rng.randint(2, 4))
-    image = Image.new("RGB", (width, height), (245, 245, 240))
-    draw = ImageDraw.Draw(image)
-    boxes: list[tuple[int, int, int, int]] = []
-    for color, shape in kinds:
-        box = _free_spot(rng, width, height, boxes)
-        boxes.append(box)
-        x1, y1, x2, y2 = box
-        if shape == "circle":
-            draw.ellipse(box, fill=COLORS[color])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLORS[color])
-        else:
-            draw.polygon([((x1 + x2) / 2, y1), (x2, y2), (x1, y2)], fill=COLORS[color])
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)
-    color, shape = kinds[0]
-    description = f"the {color} {shape}"
-    return {"image": buffer.getvalue(), "width": width, "height": height, "description": description, "box": boxes[0]}
-
-
-def _free_spot(rng: random.Random, width: int, height: int, taken: list) -> tuple[int, int, int, int]:
-    """A square box of side 30-70 px inside the canvas that overlaps no taken box (best effort after 200 tries)."""
-    for _ in range(200):
-        side = rng.randint(30, 70)
-        x, y = rng.randint(0, width - side - 1), rng.randint(0, height - side - 1)
-        box = (x, y, x + side, y + side)
-        if all(box[2] <= t[0] or t[2] <= box[0] or box[3] <= t[1] or t[3] <= box[1] for t in taken):
-            return box
-    return box

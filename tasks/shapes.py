@@ -15,26 +15,18 @@ from PIL import Image, ImageDraw
 from gpg_vl.data import DataError, synthetic_spec
 from gpg_vl.parsing import LETTERS, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
 from gpg_vl.task import RewardOutput, Task
+from gpg_vl_tasks._synthetic import BACKGROUND, COLOURS, SHAPES, draw_shape
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
-SHAPES = ("circle", "square", "triangle", "diamond")
+COLORS = {name: COLOURS[name] for name in ("red", "green", "blue", "yellow")}  # the four colours it asks about
 QUESTIONS = {"color": "What colour is the shape in the image?", "shape": "What shape is in the image?"}
 
-def draw_shape(shape: str, color: tuple[int, int, int], size: int, rng: random.Random) -> Image.Image:
-    """A `size`x`size` image with one large shape (side 60-90% of the image) at a random place."""
-    image = Image.new("RGB", (size, size), (245, 245, 245))
-    draw = ImageDraw.Draw(image)
+
+def draw_image(shape: str, colour: str, size: int, rng: random.Random) -> Image.Image:
+    """A `size`x`size` image with one large shape (60-90% of the image across) at a random place."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
     side = int(size * rng.uniform(0.6, 0.9))
     x0, y0 = rng.randint(0, size - side), rng.randint(0, size - side)
-    x1, y1 = x0 + side, y0 + side
-    if shape == "circle":
-        draw.ellipse((x0, y0, x1, y1), fill=color)
-    elif shape == "square":
-        draw.rectangle((x0, y0, x1, y1), fill=color)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=color)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, (y0 + y1) // 2), ((x0 + x1) // 2, y1), (x0, (y0 + y1) // 2)], fill=color)
+    draw_shape(ImageDraw.Draw(image), shape, x0 + side / 2, y0 + side / 2, side / 2, colour)
     return image
 
 
@@ -71,7 +63,7 @@ class ShapesTask(Task):
         truth = color if kind == "color" else shape
         return {
             "id": example_id,
-            "image": draw_shape(shape, COLORS[color], self.image_size, rng),
+            "image": draw_image(shape, color, self.image_size, rng),
             "question": QUESTIONS[kind],
             "choices": choices,
             "answer": f"({LETTERS[choices.index(truth)]})",

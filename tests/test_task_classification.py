@@ -12,13 +12,9 @@ from PIL import Image
 
 from gpg_vl import get_task
 from gpg_vl.data import DataError
-from gpg_vl_tasks.classification import (
-    DATASETS,
-    SYNTHETIC_CLASSES,
-    SYNTHETIC_COLOURS,
-    ClassificationTask,
-    class_matches,
-)
+from gpg_vl_tasks._synthetic import COLOURS
+from gpg_vl_tasks.classification import DATASETS, ClassificationTask, class_matches
+from gpg_vl_tasks.classification_synthetic import CLASSES
 
 FLOWER_QUESTION = "This is an image containing a plant. Please identify the species of the plant based on the image."
 VIRFT_PROBLEM = (
@@ -248,10 +244,10 @@ def test_no_default_eval_data():
 def test_synthetic_labels_are_true_of_the_pixels():
     task = ClassificationTask()
     examples = task.load("synthetic:24", split="train")
-    assert sorted({e["label"] for e in examples}) == sorted(SYNTHETIC_CLASSES) and len(SYNTHETIC_CLASSES) == 12
+    assert sorted({e["label"] for e in examples}) == sorted(CLASSES) and len(CLASSES) == 12
     for e in examples:
         colour, shape = e["label"].split()
-        pixels = np.all(np.asarray(e["image"]) == SYNTHETIC_COLOURS[colour], axis=-1)
+        pixels = np.all(np.asarray(e["image"]) == COLOURS[colour], axis=-1)
         ys, xs = np.nonzero(pixels)
         fill = pixels.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))  # share of its bounding box the shape covers
         expected = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[shape]

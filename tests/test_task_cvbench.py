@@ -16,7 +16,7 @@ from gpg_vl import get_task
 from gpg_vl.data import DataError
 from gpg_vl.parsing import match_choice
 from gpg_vl_tasks.cvbench import CVBenchTask, lmms_eval_overall
-from gpg_vl_tasks.cvbench_synthetic import BACKGROUND, COLOURS
+from gpg_vl_tasks._synthetic import BACKGROUND, COLOURS
 
 INSTRUCTION = "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
 PROMPT = "How many organs are in the image? Select from the following choices.\n(A) 3\n(B) 2\n(C) 1\n(D) 0"

@@ -11,7 +11,7 @@ import time
 import pytest
 from PIL import Image
 
-from gpg_vl import get_task
+from gpg_vl import get_task, mathverify
 from gpg_vl.data import DataError
 from gpg_vl.parsing import extract_answer
 from gpg_vl_tasks import geometry
@@ -207,6 +207,69 @@ def test_a_hanging_verification_times_out_and_the_worker_recovers():
     assert grade_r1v("<think>so</think> <answer> $9^{9^{9}}$ </answer>", "3", timeout_s=1.0) is False
     assert time.monotonic() - start < 6.0
     assert grade_r1v("<think>so</think> the answer is 3", "3", timeout_s=5.0) is True
+
+
+# Distinct answers that each ran into the 5 s deadline before the pre-check (nothing is cached between them).
+DEADLINE_HITTERS = [_answer("\\frac{" * (60 + k) + "1" + "}{2}" * (60 + k)) for k in range(4)] + [
+    _answer("(" * k + "((9^{99})^{99})^{99})^{99}" + ")" * k) for k in range(4)
+]
+
+
+def test_deadline_hitting_answers_are_rejected_before_math_verify():
+    # Training scores one completion at a time: N such answers used to cost N x 5 s per step.
+    task = get_task("geometry")
+    task.score(_answer("2\\sqrt{3}"), _example("2√{3}"))  # the worker's start-up is not what is measured
+    geometry._verify.cache_clear()
+    start = time.monotonic()
+    rewards = [task.score(c, _example("140°")) for c in DEADLINE_HITTERS]
+    assert time.monotonic() - start < 1.0  # before: 8 x 5 s
+    assert [r.components["accuracy"] for r in rewards] == [0.0] * len(DEADLINE_HITTERS)
+    for answer in (None, "x" * 2000, "1+" * 70 + "1", "{" * 7 + "1" + "}" * 7, "2^{2}^{2}^{2}", "5!"):
+        assert geometry.strict_checkable(answer) is None, answer
+    for answer in ("140°", "2\\sqrt{3}", "\\frac{25\\pi}{6}", "(\\sqrt{3}+1)小时", "2^{10}"):
+        assert geometry.strict_checkable(answer) is not None, answer
+
+
+def test_a_batch_of_hanging_r1v_outputs_is_bounded_by_the_budget():
+    # r1v hands the whole output to math-verify, so no pre-check applies: the batch budget bounds it.
+    n, timeout = 8, 1.0
+    outputs = [f"<think>so</think> <answer> $9^{{9^{{{9 + k}}}}}$ </answer>" for k in range(n)]
+    shared = mathverify.shared_pool()
+    shared.start()
+    start = time.monotonic()
+    with pytest.warns(UserWarning, match="budget ran out"):
+        verdicts = geometry.grade_r1v_many(outputs, ["3"] * n, timeout_s=timeout, budget_s=1.5)
+    elapsed = time.monotonic() - start
+    assert verdicts == [False] * n
+    assert elapsed < n * timeout / 2, elapsed  # serially it was n x timeout; start-ups may add a little
+    assert grade_r1v("<think>so</think> the answer is 3", "3") is True  # the pool recovers
+
+
+def test_pool_grades_a_batch_on_all_workers_at_once():
+    pool = mathverify.MathVerifyPool(workers=3)
+    try:
+        pool.start()
+        hangs = [mathverify.Check("r1v", "3", f"$9^{{9^{{{9 + k}}}}}$") for k in range(3)]
+        start = time.monotonic()
+        assert pool.verify_many(hangs, timeout_s=2.0) == [False, False, False]
+        elapsed = time.monotonic() - start
+        assert elapsed < 4.5, elapsed  # three deadlines side by side (~2 s), not 6 s in a row
+        easy = [mathverify.Check("strict", "$2\\sqrt{3}$", "$\\sqrt{12}$"), mathverify.Check("strict", "$1$", "$2$")]
+        assert pool.verify_many(easy, timeout_s=30.0) == [True, False]  # fresh children replaced the hung ones
+    finally:
+        pool.stop()
+
+
+def test_a_worker_that_cannot_start_is_an_error(monkeypatch):
+    monkeypatch.setattr(mathverify._Worker, "CODE", "import sys; sys.exit('no module named math_verify (test)')")
+    monkeypatch.setattr(mathverify, "_POOL", mathverify.MathVerifyPool(workers=1))
+    geometry._verify.cache_clear()
+    with pytest.raises(mathverify.MathVerifyUnavailable, match="(?s)did not start.*exited with code 1.*no module named math_verify"):
+        get_task("geometry").score(_answer("2\\sqrt{3}"), _example("2√{3}"))
+    with pytest.raises(mathverify.MathVerifyUnavailable):
+        grade_r1v("the answer is 3", "3")
+    mathverify._POOL.stop()
+    geometry._verify.cache_clear()
 
 
 # ---- loaders ------------------------------------------------------------------------------------

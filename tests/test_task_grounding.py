@@ -13,7 +13,7 @@ from gpg_vl import get_task
 from gpg_vl.data import DataError
 from gpg_vl.images import smart_resize as qwen2vl_resized_size
 from gpg_vl_tasks._boxes import box_giou, box_iou, clip_box
-from gpg_vl_tasks.grounding import COLORS
+from gpg_vl_tasks._synthetic import COLOURS
 
 TARGET = [100.0, 200.0, 300.0, 400.0]  # a 200 x 200 box; on LISA's 0-1000 scale or in RefCOCO pixels
 
@@ -307,7 +307,7 @@ def test_synthetic_twin_is_deterministic_and_its_boxes_verify(name):
         image = task.images(example)[0]
         assert image.size == (example["width"], example["height"])
         text = example.get("instruction") or example["problem"]
-        color = next(c for c in COLORS if f"the {c} " in text)
+        color = next(c for c in COLOURS if f"the {c} " in text)
         w, h = example["width"], example["height"]
         if name == "lisa":
             x1, y1, x2, y2 = (v / 1000 * s for v, s in zip(example["box"], (w, h, w, h)))
@@ -318,5 +318,5 @@ def test_synthetic_twin_is_deterministic_and_its_boxes_verify(name):
             sx, sy = seen_w / w, seen_h / h  # the model answers in pixels of the image it was fed
             answer = f"[{x1 * sx:.0f}, {y1 * sy:.0f}, {x2 * sx:.0f}, {y2 * sy:.0f}]"
         # A point inside every shape (a triangle's centroid lies at 2/3 of its height) has the named colour.
-        assert image.getpixel((round((x1 + x2) / 2), round(y1 + (y2 - y1) * 2 / 3))) == COLORS[color]
+        assert image.getpixel((round((x1 + x2) / 2), round(y1 + (y2 - y1) * 2 / 3))) == COLOURS[color]
         assert task.score(f"<think>found it</think><answer>{answer}</answer>", example).components["iou"] > 0.9
