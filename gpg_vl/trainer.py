@@ -276,7 +276,7 @@ def train(cfg: Config) -> dict:
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
             log_samples(logger, step, groups, G, cfg.logging.num_samples, advantages, processor.tokenizer)
         if eval_examples is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.train.max_steps)):
-            metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg).items()})
+            metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
         logger.log(step, metrics)
         if step == cfg.train.max_steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
             save(accelerator, model, processor, optimizer, scheduler, sampler, step, cfg)
@@ -301,12 +301,13 @@ class _null:
         return False
 
 
-def evaluate_heldout(task, engine, examples, cfg: Config) -> dict[str, float]:
-    """Greedy completions on the held-out split, scored with the task's own metrics."""
-    from gpg_vl.evaluate import evaluate_completions
+def evaluate_heldout(task, engine, examples, cfg: Config, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Greedy completions on the held-out split, scored with the task's own metrics. Each of the `world`
+    processes generates one slice; the metrics are computed once, on the whole split, and every rank gets them."""
+    from gpg_vl.generation import evaluate_completions
 
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
-    _, metrics = evaluate_completions(task, engine, examples, params, cfg.eval.batch_size)
+    _, metrics = evaluate_completions(task, engine, examples, params, cfg.eval.batch_size, rank, world)
     return metrics
 
 

@@ -14,7 +14,8 @@ import torch
 
 import gpg_vl.rollout
 from gpg_vl.cli import main
-from gpg_vl.evaluate import evaluate_completions, model_name, pass_at_k, unique_model_names
+from gpg_vl.generation import evaluate_completions
+from gpg_vl.records import model_name, pass_at_k, unique_model_names
 from gpg_vl.images import message_images
 from gpg_vl.registry import get_task
 from gpg_vl.rollout import Rollout, SamplingParams
@@ -39,10 +40,10 @@ class ScriptedEngine:
 
     def __init__(self, answers: dict[bytes, list[str]], interrupt_on_call: int | None = None):
         self.answers, self.interrupt_on_call = answers, interrupt_on_call
-        self.calls, self.prompts_seen = 0, 0
+        self.calls, self.prompts_seen, self.params = 0, 0, None
 
     def generate(self, prompts, params: SamplingParams) -> Rollout:
-        self.calls += 1
+        self.calls, self.params = self.calls + 1, params
         if self.calls == self.interrupt_on_call:
             raise KeyboardInterrupt  # what Ctrl-C or a killed job looks like to the loop
         self.prompts_seen += len(prompts)
@@ -292,6 +293,82 @@ def test_bad_arguments_fail_clearly(checkpoints, tmp_path, capsys):
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert main(["eval", "--task", "shapes", "--model", checkpoints[0], "--num-samples", "4", "--output", str(tmp_path)]) == 2
     assert "--temperature > 0" in capsys.readouterr().err
+
+
+BAD_OPTIONS = [
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "-3"], "--batch-size must be >= 1, got -3"),
+    (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    (["--limit", "-1"], "--limit must be >= 1, got -1"),
+    (["--temperature", "-0.5"], "--temperature must be >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--task-option", "colour=red"], "'colour'"),  # the task's own words for an unknown option
+    (["--task-option", "questions"], "must look like dotted.key=value"),
+    (["--engine", "nope"], "--engine 'nope' is unknown"),
+    (["model.dtpye=bfloat16"], "unknown key 'model.dtpye'"),
+    (["rollout.temperature=hot"], "'rollout.temperature' must be float"),
+    (["train.max_steps=3"], "takes model.* and rollout.* keys only"),
+    (["rollout.group_size=4"], "use --num-samples instead"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_bad_options_fail_in_one_line_before_any_model_loads(monkeypatch, tmp_path, capsys, extra, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded despite a bad option")
+
+    monkeypatch.setattr("gpg_vl.modeling.resolve_model_path", no_model)
+    monkeypatch.setattr("gpg_vl.modeling.load_policy", no_model)
+    assert main(eval_args("builtin:tiny", tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpg-vl eval: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not any(tmp_path.iterdir())  # nothing written either
+
+
+def test_no_evaluable_example_fails_with_the_reason(monkeypatch, checkpoints, tmp_path, capsys):
+    rows = [{"id": f"x{i}", "question": "What shape?", "choices": ["circle", "square"], "answer": "(A)",
+             "category": "shape", "image": str(tmp_path / f"missing-{i}.png")} for i in range(3)]  # fmt: skip
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plugin = tmp_path / "file_shapes.py"
+    plugin.write_text(PLUGIN)
+    use_engine(monkeypatch, ScriptedEngine({}))
+    args = ["eval", "--task", f"{plugin}:FileShapes", "--model", checkpoints[0], "--data", str(data),
+            "--engine", "scripted", "--output", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "was not evaluated: no example could be evaluated: all 3 failed (first: " in err and "image file not found" in err
+
+    data.write_text("")  # and a data file with no rows at all stops before any model is loaded
+    assert main(args) == 2
+    assert "gpg-vl eval: error: " in capsys.readouterr().err
+
+
+def test_config_overrides_reach_the_engine_and_win_over_flags(monkeypatch, checkpoints, tmp_path):
+    examples = shapes_examples(3)
+    engine = ScriptedEngine(scripted_answers(examples, [[RIGHT.format(e["answer"])] * 2 for e in examples]))
+    built = {}
+
+    def factory(model, processor, rollout_cfg, model_cfg):
+        built.update(rollout=rollout_cfg, model=model_cfg, dtype=next(model.parameters()).dtype)
+        return engine
+
+    monkeypatch.setitem(gpg_vl.rollout.ENGINES, "scripted", factory)
+    args = eval_args(checkpoints[0], tmp_path, "--engine", "scripted", "--num-samples", "2", "--temperature", "0.7",
+                     "--batch-size", "3", "--max-new-tokens", "5", "rollout.max_new_tokens=7", "rollout.top_p=0.9",
+                     "rollout.vllm_kwargs={max_model_len: 4096}", "model.attn_implementation=eager",
+                     "model.dtype=bfloat16", n=3)  # fmt: skip
+    assert main(args) == 0
+    rollout, model = built["rollout"], built["model"]
+    assert rollout.vllm_kwargs == {"max_model_len": 4096} and rollout.max_new_tokens == 7  # the override beat --max-new-tokens
+    assert rollout.batch_size == 6  # 3 prompts x 2 samples: one engine call per batch
+    assert model.attn_implementation == "eager" and model.dtype == "bfloat16" and built["dtype"] == torch.bfloat16
+    assert model.name_or_path == checkpoints[0] and (model.min_pixels, model.max_pixels) == (56 * 56, 112 * 112)
+    params = engine.params
+    assert (params.n, params.temperature, params.top_p, params.max_new_tokens) == (2, 0.7, 0.9, 7)
+    settings = json.loads((tmp_path / "run-checkpoint-1" / "run.json").read_text())["settings"]
+    assert settings["max_new_tokens"] == 7 and settings["top_p"] == 0.9  # a rerun with another top_p is refused
 
 
 # ---- a real-schema fixture of CV-Bench (its test.jsonl with img/ files), when that task is installed ----
