@@ -348,6 +348,9 @@ def test_apply_model_runs_in_this_process_on_the_unwrapped_model(src):
     assert "CUDAGraphWrapper" in unwrap  # returns the raw model, not the CUDA-graph wrapper
     # external_launcher turns V1 multiprocessing off, so the executor calls the worker directly
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" in src.text("vllm/config/parallel.py")
+    # in-process client -> engine core -> executor -> worker, with no serialisation of `fn` on the way
+    assert "self.engine_core.collective_rpc(" in ast.unparse(src.method("vllm/v1/engine/core_client.py", "InprocClient", "collective_rpc"))
+    assert "self.model_executor.collective_rpc(" in ast.unparse(src.method("vllm/v1/engine/core.py", "EngineCore", "collective_rpc"))
     rpc = ast.unparse(src.method("vllm/v1/executor/uniproc_executor.py", "UniProcExecutor", "collective_rpc"))
     assert "run_method(self.driver_worker" in rpc
     src.cls("vllm/v1/executor/uniproc_executor.py", "ExecutorWithExternalLauncher")

@@ -6,11 +6,12 @@ newest on the registry). Checked against the real source of 0.20.0 and 0.33.0 wi
 output field, method, sleep tag and weight-name prefix used here exists there. NOT yet run on a GPU: the
 integration test in tests/test_rollout_vllm.py runs only where CUDA and vllm both import.
 
-Traps handled: images are resized by our rule and the prompt keeps ONE unexpanded `<|image_pad|>` per image
-(HF-expanded ids can disagree with vLLM's own preprocessing, TRL issue 6401); log-probs are "processed"
-(after logit bias, temperature, top-k/top-p), as in the HF engine; sleep is level 1 only, since level 2
-drops buffers and a reload from disk overwrites synced weights (vLLM 29341, TRL 5312); after every weight
-sync the prefix and image-encoder caches are reset, because both hold results of the old weights.
+Traps handled: images are resized by the loaded processor's pixel budget and the prompt keeps ONE
+unexpanded `<|image_pad|>` per image (HF-expanded ids can disagree with vLLM's own preprocessing, TRL issue
+6401); log-probs are "processed" (after logit bias, temperature, top-k/top-p), as in the HF engine; sleep is
+level 1 only, since level 2 drops buffers and a reload from disk overwrites synced weights (vLLM 29341,
+TRL 5312); after every weight sync the prefix and image-encoder caches are reset, because both hold results
+of the old weights.
 """
 
 from __future__ import annotations
