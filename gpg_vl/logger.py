@@ -1,28 +1,36 @@
 """Where a run's numbers go: metrics.jsonl (always), TensorBoard (default), W&B (opt-in), a tqdm bar,
 and samples.jsonl with the prompt image saved beside it. Only the main process writes.
+
+On resume every log is cut back to the checkpoint's step, so a crashed run's extra steps never appear twice.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+SAMPLE_IMAGE = re.compile(r"step-(\d+)-\d+\.png")  # the names `samples()` gives images
+
 
 class RunLogger:
-    def __init__(self, cfg, output_dir: Path, is_main: bool, total_steps: int, initial_step: int = 0):
+    def __init__(self, cfg, output_dir: Path, is_main: bool, total_steps: int, initial_step: int = 0, resume_line: dict | None = None):
+        """`initial_step`: the checkpoint's step on resume (0 for a fresh run); `resume_line`: that step's
+        metrics line as saved in the checkpoint, written back if the log lost it."""
         self.cfg, self.dir, self.is_main = cfg, Path(output_dir), is_main
         self.tb = self.wandb = self.bar = None
         if not is_main:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         if initial_step:
-            self._forget_after(initial_step)
+            self._forget_after(initial_step, resume_line)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.dir / "tb"))
+            # purge_step hides the events a crashed run wrote after the checkpoint from TensorBoard's readers
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=initial_step + 1 if initial_step else None)
         if cfg.logging.wandb:
             import wandb  # optional dependency: pip install gpg-vl[wandb]
 
@@ -30,14 +38,17 @@ class RunLogger:
         if cfg.logging.progress_bar:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
 
-    def _forget_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint (a crashed run may have gone further)."""
-        from gpg_vl.checkpoint import atomic_write_text
-
-        path = self.dir / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
+    def _forget_after(self, step: int, resume_line: dict | None) -> None:
+        """On resume, drop lines and sample images logged after the checkpoint (a crashed run may have gone
+        further) and a torn last line; put back the checkpoint step's line if the crash came before it."""
+        trim_jsonl(self.dir / "metrics.jsonl", step, resume_line)
+        trim_jsonl(self.dir / "samples.jsonl", step)
+        images = self.dir / "samples"
+        if images.is_dir():
+            for image in images.iterdir():
+                match = SAMPLE_IMAGE.fullmatch(image.name)
+                if match and int(match.group(1)) > step:
+                    image.unlink()
 
     def log(self, step: int, metrics: dict) -> None:
         """Append one JSON line per step; mirror to TensorBoard / W&B every `log_every` steps."""
@@ -73,7 +84,10 @@ class RunLogger:
 
     def write(self, text: str) -> None:
         if self.is_main:
-            (self.bar.write if self.bar else print)(text)
+            if self.bar:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)  # a run killed right after must not lose the line in a buffer
 
     def close(self) -> None:
         for closer in (self.bar, self.tb):
@@ -81,3 +95,31 @@ class RunLogger:
                 closer.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def trim_jsonl(path: Path, step: int, last_line: dict | None = None) -> None:
+    """Keep the lines of a per-step JSONL log with `step` <= `step`; a torn (unparseable) last line is what
+    a kill mid-write leaves and is dropped. `last_line` is appended when no line for `step` is left."""
+    from gpg_vl.checkpoint import CheckpointError, atomic_write_text
+
+    if not path.exists() and last_line is None:
+        return
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept, seen = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                break  # torn by a crash mid-write
+            raise CheckpointError(f"{path}:{number} is not a JSON object with a step; fix or delete that line to resume") from None
+        if row_step <= step:
+            kept.append(line)
+            seen = seen or row_step == step
+    if last_line is not None and not seen:
+        kept.append(json.dumps({"step": step, **{k: v for k, v in last_line.items() if k != "step"}}))
+    text = "".join(line + "\n" for line in kept)
+    if not path.exists() or text != path.read_text():
+        atomic_write_text(path, text)

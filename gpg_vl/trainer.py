@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from gpg_vl import algorithms
-from gpg_vl.checkpoint import CHECKPOINT_PREFIX, load_trainer_state, resolve_resume, save_checkpoint
+from gpg_vl.checkpoint import CHECKPOINT_PREFIX, load_trainer_state, prepare_run_dir, save_checkpoint
 from gpg_vl.config import LR_SCHEDULES, Config
 from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.images import message_images
@@ -110,6 +110,9 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
+    # a fresh run refuses an earlier run's folder (or deletes it: train.overwrite); leftovers of crashed saves go
+    resume_dir = prepare_run_dir(out_dir, cfg.checkpoint.resume, cfg.train.overwrite, accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every rank has checked the folder before the main one writes to it
     algo, G = cfg.algorithm, cfg.rollout.group_size
 
     # Task and data (a hub model that cannot be loaded fails here, before any data is read)
@@ -126,7 +129,6 @@ def train(cfg: Config) -> dict:
     model_cfg = copy.deepcopy(cfg.model)
     if bf16:
         model_cfg.dtype = "float32"
-    resume_dir = resolve_resume(cfg.checkpoint.resume, out_dir) if cfg.checkpoint.resume else None
     if resume_dir is not None:
         state = load_trainer_state(resume_dir)
         model_cfg.name_or_path = str(resume_dir)
@@ -174,7 +176,10 @@ def train(cfg: Config) -> dict:
             seed=cfg.train.seed * 1_000_003 + step * 101 + rank,
         )
 
-    logger = RunLogger(cfg, out_dir, accelerator.is_main_process, cfg.train.max_steps, start_step)
+    resume_line = state.get("metrics") if resume_dir is not None else None  # the checkpoint step's log line
+    logger = RunLogger(cfg, out_dir, accelerator.is_main_process, cfg.train.max_steps, start_step, resume_line)
+    if resume_dir is not None:
+        logger.write(f"resumed from {resume_dir} at step {start_step}")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -275,11 +280,13 @@ def train(cfg: Config) -> dict:
             logger.write(f"step {step}: every group had equal rewards; skipped (no optimizer step)")
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
             log_samples(logger, step, groups, G, cfg.logging.num_samples, advantages, processor.tokenizer)
+        # Save BEFORE evaluating: an OOM in eval must not cost the last save_every steps. The checkpoint
+        # carries this step's metrics, so a resume after a crash in eval still logs the step (without eval/).
+        if step == cfg.train.max_steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
+            save(accelerator, model, processor, optimizer, scheduler, sampler, step, cfg, dict(metrics))
         if eval_examples is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.train.max_steps)):
             metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
         logger.log(step, metrics)
-        if step == cfg.train.max_steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
-            save(accelerator, model, processor, optimizer, scheduler, sampler, step, cfg)
 
     logger.close()
     if accelerator.is_main_process and step_times:
@@ -356,8 +363,8 @@ def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: in
     logger.samples(step, rows, images)
 
 
-def save(accelerator, model, processor, optimizer, scheduler, sampler, step: int, cfg: Config) -> None:
-    """Checkpoint with every rank's RNG state, written by the main process atomically."""
+def save(accelerator, model, processor, optimizer, scheduler, sampler, step: int, cfg: Config, metrics: dict | None = None) -> None:
+    """Checkpoint with every rank's RNG state and this step's metrics line, written by the main process atomically."""
     rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [rng_state()]
     # a collective under ZeRO-3 (parameters are sharded), a plain state dict otherwise
     weights = accelerator.get_state_dict(model)
@@ -369,6 +376,7 @@ def save(accelerator, model, processor, optimizer, scheduler, sampler, step: int
             "sampler": sampler.state_dict(),
             "rng": rngs,
             "config": cfg.to_dict(),
+            "metrics": metrics,
         }
         folder = Path(cfg.train.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
         save_checkpoint(folder, accelerator.unwrap_model(model), processor, state, cfg.checkpoint.keep_last, weights)
