@@ -2,8 +2,8 @@
 
 Everything is drawn on the ORIGINAL image, in its pixels. Trap: a model does not answer in those pixels.
 LISA answers (and stores its truth) on a 0-1000 scale; RefCOCO answers in pixels of the resized image the
-processor fed it (`smart_resize`). A grounding task's own `parse_box`/`predicted_box` do the mapping when
-it has them, so the box drawn is the box the reward scored; `model_to_pixels` is the fallback.
+processor fed it (`smart_resize`). A grounding task (`gpg_vl.task.GroundingTask`) maps the box itself, so
+the box drawn is the box the reward scored; `model_to_pixels` is the fallback for other tasks.
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from gpg_vl.images import smart_resize
 from gpg_vl.parsing import extract_answer
+from gpg_vl.task import Box, GroundingTask
 
-Box = tuple[float, float, float, float]  # x1, y1, x2, y2
-
-GROUNDING_TASKS = ("lisa", "refcoco")
 GT_KEYS = ("box", "bbox", "gt_box", "boxes", "solution")
 GT_COLOR = (0, 160, 60)
 PRED_COLORS = [(220, 30, 30), (30, 90, 230), (235, 130, 0), (150, 40, 190), (0, 150, 170), (200, 0, 120)]
@@ -72,21 +70,13 @@ def truth_in_pixels(task, example: dict | None, image_size: tuple[int, int]) -> 
 
 
 def is_grounding(task, example: dict | None) -> bool:
-    """Whether completions of this task are boxes worth drawing."""
-    return (
-        getattr(task, "name", "") in GROUNDING_TASKS
-        or callable(getattr(task, "parse_box", None))
-        or ground_truth_box(example) is not None
-    )
+    """Whether completions of this task are boxes worth drawing: a grounding task, or an example with a box."""
+    return isinstance(task, GroundingTask) or ground_truth_box(example) is not None
 
 
 def normalised_scale(task) -> float | None:
-    """1000 when the task's boxes are on a 0-1000 scale (LISA as Visual-RFT), else None (pixels)."""
-    for attr in ("box_scale", "normalized_scale", "norm_scale"):
-        value = getattr(task, attr, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-            return float(value)
-    return 1000.0 if getattr(task, "name", "") == "lisa" else None
+    """N when a grounding task's boxes are on a 0-N scale (LISA as Visual-RFT: 1000), else None (pixels)."""
+    return task.box_scale if isinstance(task, GroundingTask) else None
 
 
 def frame_to_pixels(box: Box | None, task, image_size: tuple[int, int]) -> Box | None:
@@ -112,20 +102,16 @@ def model_to_pixels(box: Box, task, image_size: tuple[int, int]) -> Box:
 def predicted_box(task, completion: str, image: Image.Image, example: dict | None = None) -> Box | None:
     """The box a completion predicts, in original-image pixels; None when it gives none. Never raises.
 
-    A grounding task's own `parse_box` and `predicted_box(raw, example)` are used when it has them, so the
-    box drawn is the box the reward scored.
+    A grounding task reads and maps the box itself (`predicted_box(completion, example)`), so the box drawn
+    is the box the reward scored.
     """
-    answer = extract_answer(completion)
-    text = answer if answer is not None else completion  # as the grounding rewards read it
     try:
-        if callable(getattr(task, "parse_box", None)) and callable(getattr(task, "predicted_box", None)):
-            raw = task.parse_box(text)
-            if raw is None:
-                return None
+        if isinstance(task, GroundingTask):
             # an upload has no example: give the task what it needs to know the image
             example = example or {"id": "upload", "image": image, "width": image.width, "height": image.height}
-            return frame_to_pixels(task.predicted_box(raw, example), task, image.size)
-        box = parse_box(text)
+            return frame_to_pixels(task.predicted_box(completion, example), task, image.size)
+        answer = extract_answer(completion)
+        box = parse_box(answer if answer is not None else completion)  # as the grounding rewards read it
         return model_to_pixels(box, task, image.size) if box is not None else None
     except Exception:  # a plugin's parser failing must not take the page down
         return None

@@ -10,13 +10,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from PIL import Image
+
+from gpg_vl.data import DataError
 
 # Qwen2-VL's own processor defaults; the trainer and eval overwrite them from the model config.
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+PROMPT_STYLES = ("instruct", "base")
+Box = tuple[float, float, float, float]  # x1, y1, x2, y2
 
 
 @dataclass
@@ -45,16 +49,23 @@ class Task:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    #: "instruct" or "base"; tasks that offer base-model prompts set it from their options
+    #: "instruct" (a user turn) or "base" (R1's system turn and an assistant turn opened with "<think>")
     prompt_style: str = "instruct"
     #: dataset used when no path is given (a hub id, or "synthetic" for a generated twin)
     default_train_data: ClassVar[str | None] = None
     default_eval_data: ClassVar[str | None] = None
     default_eval_split: ClassVar[str] = "test"
+    #: what to pass instead when a split has no default data (the end of the DataError `data_path` raises)
+    missing_data_hint: ClassVar[str] = "pass a local file or folder"
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, prompt_style: str = "instruct", **options: Any) -> None:
         if options:
             raise TypeError(f"task {self.name or type(self).__name__!r} got unknown options: {sorted(options)}")
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(
+                f"{self.name or type(self).__name__}: prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}"
+            )
+        self.prompt_style = prompt_style
         self.min_pixels = DEFAULT_MIN_PIXELS
         self.max_pixels = DEFAULT_MAX_PIXELS
 
@@ -77,6 +88,21 @@ class Task:
     def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
         """Evaluation metrics (fractions in [0, 1]) over aligned examples and completions."""
         raise NotImplementedError
+
+    # ---- shared plumbing ---------------------------------------------------------------------------
+    @staticmethod
+    def is_train_split(split: str) -> bool:
+        """Whether `split` names training data: "train", or a slice of it such as "train[:15000]"."""
+        return split.partition("[")[0] == "train"
+
+    def data_path(self, path: str | None, split: str) -> str:
+        """`path`, or the task's default data for `split`; a DataError naming the task when it has none."""
+        if path:
+            return path
+        default = self.default_train_data if self.is_train_split(split) else self.default_eval_data
+        if default is None:
+            raise DataError(f"{self.name}: no default data for split {split!r}; {self.missing_data_hint}")
+        return default
 
     # ---- optional hooks with sensible defaults ------------------------------------------------
     def configure_images(self, min_pixels: int, max_pixels: int) -> None:
@@ -129,8 +155,19 @@ class Task:
             if isinstance(v, (str, int, float, bool)) or (isinstance(v, list) and all(isinstance(x, (int, float, str)) for x in v))
         }
 
-    def images(self, example: dict) -> list[Image.Image]:
-        """The PIL images of an example, in the order its messages show them."""
-        from gpg_vl.images import message_images
 
-        return message_images(self.messages(example))
+@runtime_checkable
+class GroundingTask(Protocol):
+    """What a task whose answers are boxes offers, so the demo draws exactly the box the reward scored.
+
+    Three frames meet here. `parse_box` gives the box as the model wrote it (LISA: a 0-1000 scale; RefCOCO:
+    pixels of the resized image the processor fed the model). `predicted_box` maps it into the frame of
+    `example["box"]`, clipped, or None when it is not a valid box. `box_scale` names that frame: N for a 0-N
+    scale of the image's width and height (LISA: 1000), None for pixels of the original image.
+    """
+
+    box_scale: float | None
+
+    def parse_box(self, completion: str) -> Box | None: ...
+
+    def predicted_box(self, completion: str, example: dict) -> Box | None: ...

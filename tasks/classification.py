@@ -49,6 +49,10 @@ class ClassificationTask(Task):
     description = "Few-shot fine-grained classification (Visual-RFT 4-shot Flowers102, Pets37, FGVC-Aircraft, Cars196)."
     default_train_data = DATASETS["flowers"][0]
     default_eval_data = None  # no hub test split: Visual-RFT evaluates on each dataset's full test set
+    missing_data_hint = (
+        "Visual-RFT evaluates on each dataset's full test set, which is not on the hub: pass an image folder "
+        "(see ClassificationTask.load) or 'synthetic'"
+    )
 
     def __init__(
         self,
@@ -63,14 +67,12 @@ class ClassificationTask(Task):
         prompt_style: instruct | base. use_row_problem: show a row's own `problem` text verbatim, as
         Visual-RFT's training script does, instead of the dataset question + instruction.
         synthetic_image_size: side in pixels of the offline twin's images."""
-        super().__init__(**options)
+        super().__init__(prompt_style=prompt_style, **options)
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
         if match not in ("exact", "contains"):
             raise ValueError(f"match must be 'exact' or 'contains', got {match!r}")
-        if prompt_style not in ("instruct", "base"):
-            raise ValueError(f"prompt_style must be 'instruct' or 'base', got {prompt_style!r}")
-        self.dataset, self.match, self.prompt_style = dataset, match, prompt_style
+        self.dataset, self.match = dataset, match
         self.use_row_problem = bool(use_row_problem)
         self.synthetic_image_size = int(synthetic_image_size)
         self.default_train_data, self.question = DATASETS[dataset]
@@ -87,14 +89,7 @@ class ClassificationTask(Task):
                                 only the file name of each path is used, looked up in DIR/images/
         Visual-RFT's val_data/<dataset>.txt is exactly such a classnames.txt.
         """
-        # "train[:15000]" is a slice of the train split, so it defaults to the training data too
-        is_train = split.partition("[")[0] == "train"
-        path = path or (self.default_train_data if is_train else self.default_eval_data)
-        if path is None:
-            raise DataError(
-                f"classification has no default {split!r} data: Visual-RFT evaluates on each dataset's full test "
-                "set, which is not on the hub. Pass an image folder (see ClassificationTask.load) or 'synthetic'."
-            )
+        path = self.data_path(path, split)
         spec = synthetic_spec(path, split)
         if spec is not None:
             return make_synthetic_examples(*spec, image_size=self.synthetic_image_size, split=split)

@@ -40,10 +40,7 @@ class CVBenchTask(Task):
         """prompt_style: instruct | base. multi_image: keep SAT rows with two images (dropped by default, as
         VisualThinker-R1-Zero does). shuffle_seed: seed of the SAT choice order. synthetic_image_size: side
         in pixels of the offline twin's images."""
-        super().__init__(**options)
-        if prompt_style not in ("instruct", "base"):
-            raise ValueError(f"prompt_style must be 'instruct' or 'base', got {prompt_style!r}")
-        self.prompt_style = prompt_style
+        super().__init__(prompt_style=prompt_style, **options)
         self.multi_image = bool(multi_image)
         self.shuffle_seed = int(shuffle_seed)
         self.synthetic_image_size = int(synthetic_image_size)
@@ -51,9 +48,7 @@ class CVBenchTask(Task):
     # ---- data ------------------------------------------------------------------------------------
     def load(self, path: str | None = None, split: str = "train") -> list[dict]:
         """SAT or CV-Bench rows (hub id, local parquet/JSONL/folder) or `synthetic[:N]`, as examples."""
-        # "train[:15000]" is a slice of the train split, so it defaults to the training data too
-        is_train = split.partition("[")[0] == "train"
-        path = path or (self.default_train_data if is_train else self.default_eval_data)
+        path = self.data_path(path, split)
         spec = synthetic_spec(path, split)
         if spec is not None:
             size, seed = spec

@@ -22,7 +22,6 @@ from gpg_vl_tasks.geometry_synthetic import make_synthetic
 
 # R1-V's test prompt (src/eval/test_qwen2vl_geoqa.py); its training script puts two spaces before it.
 INSTRUCTION = "Output the thinking process in <think> </think> and final answer (number) in <answer> </answer> tags."
-PROMPT_STYLES = ("instruct", "base")
 MAX_ANSWER_CHARS = 1_000  # a strict answer longer than this is not a number; it is graded wrong unparsed
 MAX_OUTPUT_CHARS = 20_000  # r1v parses at most the last 20k characters (R1-V's outputs stop at 1024 tokens)
 # Bounds of a strict answer worth a math-verify call (see `strict_checkable`); GEOQA's answers sit far inside.
@@ -38,6 +37,10 @@ class GeometryTask(Task):
     description = "GEOQA geometry (R1-V): numeric answers graded by math-verify; metrics r1v and strict."
     default_train_data = "leonardPKU/GEOQA_R1V_Train_8K"
     default_eval_data = None  # R1-V ships the test set as a JSONL in its repository, not on the hub
+    missing_data_hint = (
+        "the GEOQA test set is not on the hub; pass R1-V's src/eval/prompts/geoqa_test_prompts.jsonl (images under "
+        "Geo170K/ next to it, or set the task option image_root), or synthetic[:N]"
+    )
 
     def __init__(
         self,
@@ -50,23 +53,16 @@ class GeometryTask(Task):
         """verify_timeout_s: deadline of one math-verify call. grading_budget_s: the most one `metrics` call
         spends in math-verify per protocol (r1v, strict); default max(30 s, 0.5 s per completion), far above
         what real answers need (tens of ms each). Answers still ungraded then count as wrong, with a warning."""
-        super().__init__(**options)
-        if prompt_style not in PROMPT_STYLES:
-            raise ValueError(f"geometry: prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+        super().__init__(prompt_style=prompt_style, **options)
         if not verify_timeout_s > 0:
             raise ValueError(f"geometry: verify_timeout_s must be positive, got {verify_timeout_s!r}")
         if grading_budget_s is not None and not grading_budget_s > 0:
             raise ValueError(f"geometry: grading_budget_s must be positive, got {grading_budget_s!r}")
-        self.prompt_style, self.image_root, self.verify_timeout_s = prompt_style, image_root, float(verify_timeout_s)
+        self.image_root, self.verify_timeout_s = image_root, float(verify_timeout_s)
         self.grading_budget_s = None if grading_budget_s is None else float(grading_budget_s)
 
     def load(self, path: str | None = None, split: str = "train") -> list[dict]:
-        path = path or (self.default_train_data if split == "train" else self.default_eval_data)
-        if path is None:
-            raise DataError(
-                "geometry: the GEOQA test set is not on the hub; pass R1-V's src/eval/prompts/geoqa_test_prompts.jsonl "
-                "(images under Geo170K/ next to it, or set the task option image_root), or synthetic[:N]"
-            )
+        path = self.data_path(path, split)
         spec = synthetic_spec(path, split)
         if spec is not None:
             return make_synthetic(*spec)

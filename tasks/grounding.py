@@ -45,34 +45,33 @@ REFCOCO_PROMPT = (
 )
 REFCOCO_PROBLEM = "Please provide the bounding box coordinate of the region this sentence describes: {expression}."
 LISA_SCALE = 1000.0
-PROMPT_STYLES = ("instruct", "base")
 REWARDS = ("iou", "giou")
 
 
 class _BoxTask(Task):
-    """What LISA and RefCOCO share: one target box per example, format + IoU/GIoU reward, mIoU/acc@0.5."""
+    """What LISA and RefCOCO share: one target box per example, format + IoU/GIoU reward, mIoU/acc@0.5.
 
-    data_hint = ""  # which local files `load` accepts, for the error when no path is given
+    Both implement `gpg_vl.task.GroundingTask` (parse_box, predicted_box, box_scale), which the demo draws with.
+    """
+
     box_scale: float | None = None  # the frame of example["box"]: a 0-N normalised scale, or None for pixels
 
     def __init__(self, prompt_style: str = "instruct", reward: str = "iou", image_root: str | None = None, **options):
-        super().__init__(**options)
-        if prompt_style not in PROMPT_STYLES:
-            raise ValueError(f"{self.name}: prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+        super().__init__(prompt_style=prompt_style, **options)
         if reward not in REWARDS:
             raise ValueError(f"{self.name}: reward must be one of {REWARDS}, got {reward!r}")
-        self.prompt_style, self.reward, self.image_root = prompt_style, reward, image_root
+        self.reward, self.image_root = reward, image_root
 
     # ---- what each grounding task defines ---------------------------------------------------------
     def prompt_text(self, example: dict) -> str:
         raise NotImplementedError
 
-    def parse_box(self, text: str) -> Box | None:
+    def read_box(self, text: str) -> Box | None:
         """The first box written in the task's answer form, as written."""
         raise NotImplementedError
 
-    def predicted_box(self, raw: Box, example: dict) -> Box | None:
-        """A parsed box in the frame of `example["box"]`, clipped to it; None when it is not a valid box."""
+    def box_in_frame(self, raw: Box, example: dict) -> Box | None:
+        """A box as written, in the frame of `example["box"]` and clipped to it; None when it is not a valid box."""
         raise NotImplementedError
 
     def examples_from_row(self, row: dict, index: int, base_dir: str | None, split: str, where: str) -> list[dict]:
@@ -94,9 +93,7 @@ class _BoxTask(Task):
 
     # ---- the Task API ----------------------------------------------------------------------------
     def load(self, path: str | None = None, split: str = "train") -> list[dict]:
-        path = path or (self.default_train_data if split == "train" else self.default_eval_data)
-        if path is None:
-            raise DataError(f"{self.name}: no public hub copy of this data; pass a local file ({self.data_hint})")
+        path = self.data_path(path, split)
         spec = synthetic_spec(path, split)
         if spec is not None:
             return self.synthetic(*spec)
@@ -115,9 +112,8 @@ class _BoxTask(Task):
         return self.conversation([image], self.prompt_text(example))
 
     def score(self, completion: str, example: dict) -> RewardOutput:
-        text = self.full_completion(completion)
-        fmt = float(format_ok(text))
-        pred = self._answer_box(text, example)
+        fmt = float(format_ok(self.full_completion(completion)))
+        pred = self.predicted_box(completion, example)
         target = tuple(example["box"])
         iou = box_iou(pred, target) if pred else 0.0
         components = {"format": fmt, "iou": iou}
@@ -138,7 +134,7 @@ class _BoxTask(Task):
 
     def parse_answer(self, completion: str) -> str | None:
         """The answer's box as written, `x1,y1,x2,y2` in the model's frame; None when there is none."""
-        box = self._raw_box(self.full_completion(completion))
+        box = self.parse_box(completion)
         return None if box is None else ",".join(f"{v:g}" for v in box)
 
     def record_fields(self, example: dict) -> dict[str, Any]:
@@ -148,17 +144,19 @@ class _BoxTask(Task):
             fields["image_path"] = example["image"]
         return fields
 
-    # ---- shared helpers ---------------------------------------------------------------------------
-
-    def _raw_box(self, text: str) -> Box | None:
+    # ---- the grounding protocol (gpg_vl.task.GroundingTask) -----------------------------------------
+    def parse_box(self, completion: str) -> Box | None:
+        """The box a completion writes, as written (the model's frame); None when it gives none."""
+        text = self.full_completion(completion)
         # The last <answer> block when there is one (Visual-RFT/VLM-R1 training rewards), else the whole text
         # (Visual-RFT's LISA evaluation searches the whole response).
         answer = extract_answer(text)
-        return self.parse_box(answer if answer is not None else text)
+        return self.read_box(answer if answer is not None else text)
 
-    def _answer_box(self, text: str, example: dict) -> Box | None:
-        raw = self._raw_box(text)
-        return None if raw is None else self.predicted_box(raw, example)
+    def predicted_box(self, completion: str, example: dict) -> Box | None:
+        """The box a completion predicts in the frame of `example["box"]` (see `box_scale`), as the reward reads it."""
+        raw = self.parse_box(completion)
+        return None if raw is None else self.box_in_frame(raw, example)
 
 
 class LisaTask(_BoxTask):
@@ -166,16 +164,19 @@ class LisaTask(_BoxTask):
 
     name = "lisa"
     description = "LISA reasoning grounding (Visual-RFT): a box (x1,y1),(x2,y2) on a 0-1000 scale; IoU or GIoU reward."
-    data_hint = "Visual-RFT's lisa_{train,val,test}.json box files or lisa_train_sft.json, or synthetic[:N]"
+    missing_data_hint = (
+        "no public hub copy of this data; pass Visual-RFT's lisa_{train,val,test}.json box files or "
+        "lisa_train_sft.json, or synthetic[:N]"
+    )
     box_scale = LISA_SCALE
 
     def prompt_text(self, example: dict) -> str:
         return LISA_PROMPT.format(instruction=example["instruction"])
 
-    def parse_box(self, text: str) -> Box | None:
+    def read_box(self, text: str) -> Box | None:
         return parse_point_pair_box(text)
 
-    def predicted_box(self, raw: Box, example: dict) -> Box | None:
+    def box_in_frame(self, raw: Box, example: dict) -> Box | None:
         return clip_box(raw, LISA_SCALE, LISA_SCALE)
 
     def examples_from_row(self, row: dict, index: int, base_dir: str | None, split: str, where: str) -> list[dict]:
@@ -222,15 +223,18 @@ class RefCOCOTask(_BoxTask):
 
     name = "refcoco"
     description = "RefCOCO referring expressions (VLM-R1): [x1, y1, x2, y2] in resized-image pixels; IoU/GIoU reward."
-    data_hint = "VLM-R1's rec_jsons_processed/*.json or its *.jsonl conversation files, or synthetic[:N]"
+    missing_data_hint = (
+        "no public hub copy of this data; pass VLM-R1's rec_jsons_processed/*.json or its *.jsonl conversation "
+        "files, or synthetic[:N]"
+    )
 
     def prompt_text(self, example: dict) -> str:
         return REFCOCO_PROMPT.format(problem=example["problem"])
 
-    def parse_box(self, text: str) -> Box | None:
+    def read_box(self, text: str) -> Box | None:
         return parse_list_box(text)
 
-    def predicted_box(self, raw: Box, example: dict) -> Box | None:
+    def box_in_frame(self, raw: Box, example: dict) -> Box | None:
         # The model saw the image at Qwen2-VL's resized size and answers in its pixels (VLM-R1's resize_bbox).
         width, height = self.original_size(example)
         seen_h, seen_w = smart_resize(height, width, self.min_pixels, self.max_pixels)

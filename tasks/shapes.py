@@ -39,16 +39,14 @@ class ShapesTask(Task):
     default_eval_data = "synthetic:200"
 
     def __init__(self, questions: Sequence[str] = ("color",), image_size: int = 112, prompt_style: str = "instruct"):
-        super().__init__()
+        super().__init__(prompt_style=prompt_style)
         unknown = set(questions) - set(QUESTIONS)
         if unknown or not questions:
             raise ValueError(f"shapes: questions must be a non-empty subset of {sorted(QUESTIONS)}, got {list(questions)}")
-        if prompt_style not in ("instruct", "base"):
-            raise ValueError(f"shapes: prompt_style must be 'instruct' or 'base', got {prompt_style!r}")
-        self.questions, self.image_size, self.prompt_style = list(questions), int(image_size), prompt_style
+        self.questions, self.image_size = list(questions), int(image_size)
 
     def load(self, path: str | None = None, split: str = "train") -> list[dict]:
-        path = path or (self.default_train_data if split == "train" else self.default_eval_data)
+        path = self.data_path(path, split)
         spec = synthetic_spec(path, split)
         if spec is None:
             raise DataError(f"shapes is synthetic only: use data 'synthetic' or 'synthetic:N', not {path!r}")

@@ -391,13 +391,12 @@ def test_parse_box_and_ground_truth():
 
 
 def test_box_coordinates_mapped_back_to_the_image():
-    class Lisa:
-        name = "lisa"
+    from gpg_vl.registry import get_task
 
     class Other:
         name, min_pixels, max_pixels = "other", 56 * 56, 112 * 112
 
-    assert model_to_pixels((500, 0, 1000, 500), Lisa(), (200, 100)) == (100, 0, 200, 50)
+    assert model_to_pixels((500, 0, 1000, 500), get_task("lisa"), (200, 100)) == (100, 0, 200, 50)
     # a 224x224 image is shown to the model at 112x112: its box doubles
     assert model_to_pixels((10, 10, 56, 56), Other(), (224, 224)) == (20, 20, 112, 112)
 
@@ -405,7 +404,7 @@ def test_box_coordinates_mapped_back_to_the_image():
 @pytest.mark.parametrize("name", ["lisa", "refcoco"])
 def test_grounding_task_boxes_land_on_the_truth(name):
     """A completion that answers the true box, in the task's own answer form, is drawn on the true pixels."""
-    from gpg_vl.images import smart_resize
+    from gpg_vl.images import message_images, smart_resize
     from gpg_vl.registry import get_task
 
     try:
@@ -414,7 +413,7 @@ def test_grounding_task_boxes_land_on_the_truth(name):
         pytest.skip(f"task {name} unavailable: {e}")
     task.configure_images(56 * 56, 112 * 112)
     example = task.load("synthetic:1", split="test")[0]
-    image = task.images(example)[0]
+    image = message_images(task.messages(example))[0]
     x1, y1, x2, y2 = example["box"]
     if name == "lisa":  # truth and answer on the 0-1000 scale
         answer = f"({x1:.0f},{y1:.0f}),({x2:.0f},{y2:.0f})"

@@ -12,6 +12,7 @@ from PIL import Image
 
 from gpg_vl import get_task
 from gpg_vl.data import DataError
+from gpg_vl.images import message_images
 from gpg_vl_tasks._synthetic import COLOURS
 from gpg_vl_tasks.classification import DATASETS, ClassificationTask, class_matches
 from gpg_vl_tasks.classification_synthetic import CLASSES
@@ -176,7 +177,7 @@ def test_virft_parquet_in_hub_schema(tmp_path):
     task = ClassificationTask()
     examples = task.load(str(file), split="train")
     assert [e["label"] for e in examples] == ["lotus", "pink primrose"]
-    assert task.images(examples[0])[0].getpixel((0, 0)) == (10, 200, 10)
+    assert message_images(task.messages(examples[0]))[0].getpixel((0, 0)) == (10, 200, 10)
     assert task.record_fields(examples[1]) == {"id": "train-1", "label": "pink primrose", "dataset": "flowers"}
     assert task.score(answer("Lotus"), examples[0]).total == 2.0
     assert task.load(str(tmp_path), split="train")[1]["label"] == "pink primrose"  # the folder works too
@@ -189,7 +190,7 @@ def test_jsonl_with_relative_image_paths(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (example_,) = ClassificationTask().load(str(tmp_path / "train.jsonl"))
     assert example_["label"] == "english marigold"
-    assert ClassificationTask().images(example_)[0].getpixel((0, 0)) == (1, 2, 3)
+    assert message_images(ClassificationTask().messages(example_))[0].getpixel((0, 0)) == (1, 2, 3)
     (tmp_path / "bad.jsonl").write_text(json.dumps({**rows[0], "image": "imgs/missing.png"}) + "\n")
     with pytest.raises(DataError, match=r"bad\.jsonl.*row 0.*not found"):
         ClassificationTask().load(str(tmp_path / "bad.jsonl"))
@@ -210,7 +211,7 @@ def test_image_folder_with_label_list_and_class_names(tmp_path):
     assert [(e["id"], e["label"]) for e in examples] == [
         ("images/a.jpg", "pink primrose"), ("images/b c.jpg", "hard-leaved pocket orchid")
     ]
-    assert task.images(examples[1])[0].getpixel((5, 5))[2] > 200
+    assert message_images(task.messages(examples[1]))[0].getpixel((5, 5))[2] > 200
 
 
 def test_image_folder_bad_label_names_file_and_line(tmp_path):

@@ -14,6 +14,7 @@ from PIL import Image
 
 from gpg_vl import get_task
 from gpg_vl.data import DataError
+from gpg_vl.images import message_images
 from gpg_vl.parsing import match_choice
 from gpg_vl_tasks.cvbench import CVBenchTask, lmms_eval_overall
 from gpg_vl_tasks._synthetic import BACKGROUND, COLOURS
@@ -281,7 +282,7 @@ def test_cvbench_parquet_in_hub_schema(tmp_path):
         ("0", "Count", "2D", "ADE20K", "(C)"), ("1", "Depth", "3D", "Omni3D", "(B)")
     ]
     assert examples[1]["prompt"] == CV_ROWS[1]["prompt"]
-    assert CVBenchTask().images(examples[0])[0].size == (40, 30)
+    assert message_images(CVBenchTask().messages(examples[0]))[0].size == (40, 30)
     assert CVBenchTask().record_fields(examples[1]) == {
         "id": "1", "task": "Depth", "type": "3D", "source": "Omni3D", "question": CV_ROWS[1]["question"],
         "choices": ["lamp", "bed"], "answer": "(B)"}
@@ -295,7 +296,7 @@ def test_cvbench_jsonl_with_image_folder(tmp_path):
     (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(row) for row in CV_ROWS) + "\n")
     examples = CVBenchTask().load(str(tmp_path / "test.jsonl"), split="test")
     assert [e["id"] for e in examples] == ["0", "1"]
-    assert CVBenchTask().images(examples[1])[0].size == (20, 10)
+    assert message_images(CVBenchTask().messages(examples[1]))[0].size == (20, 10)
     (tmp_path / CV_ROWS[1]["filename"]).unlink()
     with pytest.raises(DataError, match=r"test\.jsonl.*row 1.*not found"):
         CVBenchTask().load(str(tmp_path / "test.jsonl"), split="test")

@@ -16,6 +16,7 @@ from gpg_vl import get_task
 from gpg_vl.cli import main
 from gpg_vl.config import ConfigError
 from gpg_vl.data import DataError
+from gpg_vl.images import message_images
 from gpg_vl.parsing import R1_SYSTEM_PROMPT
 from gpg_vl_tasks.generic import GenericTask
 from gpg_vl_tasks.shapes import COLORS
@@ -106,7 +107,7 @@ def test_jsonl_with_relative_paths_and_image_lists(folder, tmp_path, monkeypatch
     task = get_task("generic", rewards={"choice": 1.0})
     examples = task.load("d/data.jsonl")
     monkeypatch.chdir(ROOT)  # and keep working after a change of directory
-    sizes = [[im.size for im in task.images(e)] for e in examples]
+    sizes = [[im.size for im in message_images(task.messages(e))] for e in examples]
     assert sizes == [[(32, 24)], [(40, 40), (32, 24)]]
     assert [task.example_id(e, i) for i, e in enumerate(examples)] == ["0", "two"]
     assert task.score(wrap("blue"), examples[1]).total == 1.0
@@ -127,7 +128,7 @@ def test_parquet_with_image_bytes_and_other_column_names(tmp_path):
     task = get_task("generic", image_column="picture", question_column="q", answer_column="label",
                     rewards={"exact": 1.0, "contains": 1.0})  # fmt: skip
     examples = task.load(str(tmp_path / "train.parquet"))
-    assert task.images(examples[0])[0].getpixel((0, 0)) == (30, 30, 200)
+    assert message_images(task.messages(examples[0]))[0].getpixel((0, 0)) == (30, 30, 200)
     assert task.score(wrap("Blue"), examples[0]).components == {"exact": 1.0, "contains": 1.0}
     assert task.score(wrap("dark blue"), examples[0]).components == {"exact": 0.0, "contains": 1.0}
 
@@ -141,7 +142,7 @@ def test_parquet_with_datasets_image_dicts(tmp_path):
     pq.write_table(pa.table({"image": image, "problem": ["Colour?"], "solution": ["red"]}), tmp_path / "t.parquet")
     task = get_task("generic")
     (example,) = task.load(str(tmp_path / "t.parquet"))
-    assert task.images(example)[0].size == (32, 24)
+    assert message_images(task.messages(example))[0].size == (32, 24)
 
 
 def test_a_missing_column_names_it_the_file_and_the_columns_present(folder):
@@ -184,7 +185,7 @@ def test_the_ten_row_example_loads_and_its_answers_match_its_images():
     assert len(examples) == 10
     names = {(220, 40, 40): "red", (40, 170, 60): "green", (40, 80, 220): "blue", (235, 205, 30): "yellow"}  # as drawn
     for example in examples:
-        image = task.images(example)[0]
+        image = message_images(task.messages(example))[0]
         if example["question"].startswith("What colour"):
             colour = next(names[c] for c, _ in Counter(image.getdata()).most_common() if c in names)
             assert task.score(wrap(colour), example).components["choice"] == 1.0, example["id"]

@@ -13,6 +13,7 @@ from PIL import Image
 
 from gpg_vl import get_task, mathverify
 from gpg_vl.data import DataError
+from gpg_vl.images import message_images
 from gpg_vl.parsing import extract_answer
 from gpg_vl_tasks import geometry
 from gpg_vl_tasks.geometry import grade_r1v, grade_strict, normalize_answer
@@ -284,7 +285,7 @@ def test_loads_r1v_test_jsonl_with_relative_image_paths(tmp_path):
     task = get_task("geometry")
     (example,) = task.load(str(prompts / "geoqa_test_prompts.jsonl"), split="test")
     assert example["ground_truth"] == "140°" and example["question"] == QUESTION and example["id"] == "0"
-    assert task.images(example)[0].size == (30, 20)
+    assert message_images(task.messages(example))[0].size == (30, 20)
     assert task.record_fields(example)["image_path"].endswith("Geo170K/images/test/0.png")
 
     # R1-V keeps images elsewhere (./playground); image_root points there.
@@ -307,7 +308,7 @@ def test_loads_train_parquet_with_image_bytes(tmp_path):
     task = get_task("geometry")
     examples = task.load(str(path), split="train")
     assert [e["ground_truth"] for e in examples] == ["140°", "3cm"]
-    assert task.images(examples[1])[0].getpixel((0, 0)) == (0, 0, 200)
+    assert message_images(task.messages(examples[1]))[0].getpixel((0, 0)) == (0, 0, 200)
     assert task.score(_answer("140"), examples[0]).total == 2.0
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from gpg_vl import get_task
 from gpg_vl.data import DataError
-from gpg_vl.images import smart_resize as qwen2vl_resized_size
+from gpg_vl.images import message_images, smart_resize as qwen2vl_resized_size
 from gpg_vl_tasks._boxes import box_giou, box_iou, clip_box
 from gpg_vl_tasks._synthetic import COLOURS
 
@@ -233,7 +233,7 @@ def test_loads_visual_rft_box_json_with_relative_paths(tmp_path):
     (example,) = lisa.load(str(path), split="test")  # evaluation: first instruction, first box
     assert example["instruction"] == "what holds the food?"
     assert example["box"] == pytest.approx([100, 100, 500, 500])  # 40/400*1000, 20/200*1000, ...
-    assert lisa.images(example)[0].size == (400, 200)
+    assert message_images(lisa.messages(example))[0].size == (400, 200)
     assert [e["instruction"] for e in lisa.load(str(path), split="train")] == ["what holds the food?", "the plate"]
 
 
@@ -304,7 +304,7 @@ def test_synthetic_twin_is_deterministic_and_its_boxes_verify(name):
     assert examples == task.load("synthetic:20", split="test")
     assert examples != task.load("synthetic:20", split="train")
     for example in examples:
-        image = task.images(example)[0]
+        image = message_images(task.messages(example))[0]
         assert image.size == (example["width"], example["height"])
         text = example.get("instruction") or example["problem"]
         color = next(c for c in COLOURS if f"the {c} " in text)
