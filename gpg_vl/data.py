@@ -10,13 +10,15 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 _LOCAL_SUFFIXES = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".arrow": "arrow"}
+# Qwen2-VL's smart_resize refuses images longer than 200 times their width (or wider than 200 times their
+# height); caught when the image is read, so the error names the data row, not a frame in the processor.
+MAX_ASPECT_RATIO = 200
 
 
 class DataError(ValueError):
@@ -50,16 +52,17 @@ def _read_local(path: Path, split: str) -> list[dict]:
         if not files:
             raise DataError(f"{path}: no .parquet/.jsonl/.json/.csv files found")
         return [row for f in files for row in _read_local(f, split)]
-    if path.suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            data = None  # JSON lines with a .json suffix
-        if isinstance(data, list):
-            return data
-    if path.suffix == ".jsonl" or path.suffix == ".json":
+    if path.suffix in (".json", ".jsonl"):
+        text = read_utf8(path)
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                data = None  # JSON lines with a .json suffix
+            if isinstance(data, list):
+                return data
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -71,6 +74,16 @@ def _read_local(path: Path, split: str) -> list[dict]:
     import datasets
 
     return list(_undecoded(datasets.load_dataset(_LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train")))
+
+
+def read_utf8(path: Path) -> str:
+    """The file's text; a DataError naming the line of the first byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); re-save the file as UTF-8") from None
 
 
 def _undecoded(ds):
@@ -132,12 +145,22 @@ def to_pil(value: Any, base_dir: str | Path | None = None, where: str = "image")
             image = Image.open(path)
         else:
             raise DataError(f"{where}: cannot read an image from a {type(value).__name__}")
+        _check_shape(image.size, where)  # from the header, before decoding the pixels
         image.load()
     except DataError:
         raise
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError on corrupt files
         raise DataError(f"{where}: unreadable image ({type(e).__name__}: {e})") from None
     return image.convert("RGB")
+
+
+def _check_shape(size: tuple[int, int], where: str) -> None:
+    width, height = size
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DataError(
+            f"{where}: image is {width}x{height}; Qwen2-VL takes images at most {MAX_ASPECT_RATIO} times longer "
+            "than wide (crop or pad it)"
+        )
 
 
 def data_folder(path: str) -> str | None:
@@ -162,11 +185,6 @@ def resolve_image_ref(value: Any, base_dir: str | None, where: str) -> Any:
     if isinstance(value, (bytes, bytearray, dict, Image.Image)):
         return value
     raise DataError(f"{where}: cannot read an image from a {type(value).__name__}")
-
-
-def limit(examples: Sequence[dict], n: int | None) -> Sequence[dict]:
-    """The first n examples (all when n is None)."""
-    return examples if n is None else examples[:n]
 
 
 SYNTHETIC = "synthetic"

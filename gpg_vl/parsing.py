@@ -53,7 +53,7 @@ def extract_think(completion: str) -> str | None:
     return completion[start + len("<think>") : end].strip() if end >= 0 else None
 
 
-def answer_blocks(completion: str) -> Iterator[str]:
+def _answer_blocks(completion: str) -> Iterator[str]:
     """The contents of the <answer>...</answer> blocks, left to right, unstripped.
 
     As `re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)` pairs them: each block runs from an
@@ -75,7 +75,7 @@ def extract_answer(completion: str) -> str | None:
     its final word.
     """
     last = None
-    for last in answer_blocks(completion):
+    for last in _answer_blocks(completion):
         pass
     return last.strip() if last is not None else None
 

@@ -104,6 +104,10 @@ class Task:
             raise DataError(f"{self.name}: no default data for split {split!r}; {self.missing_data_hint}")
         return default
 
+    def origin(self, example: dict) -> str:
+        """Where an example came from, for errors: its data file and row (loaders store it as "origin")."""
+        return str(example.get("origin") or f"{self.name} example {example.get('id')}")
+
     # ---- optional hooks with sensible defaults ------------------------------------------------
     def configure_images(self, min_pixels: int, max_pixels: int) -> None:
         """Called by trainer/eval/demo with the model's pixel budget (tasks that rescale boxes need it)."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gpg_vl.data import DataError, read_records, resolve_image_ref, synthetic_spec, to_pil
+from gpg_vl.data import DataError, read_records, read_utf8, resolve_image_ref, synthetic_spec, to_pil
 from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 from gpg_vl_tasks.classification_synthetic import make_synthetic_examples
@@ -111,7 +111,7 @@ class ClassificationTask(Task):
                 image = resolve_image_ref(image, base_dir, where)
             problem = row.get("problem")
             examples.append(
-                {"id": f"{split}-{i}", "image": image, "label": label, "question": self.question,
+                {"origin": where, "id": f"{split}-{i}", "image": image, "label": label, "question": self.question,
                  "problem": problem if isinstance(problem, str) else None, "dataset": self.dataset}
             )
         if not examples:
@@ -120,7 +120,7 @@ class ClassificationTask(Task):
 
     def _read_image_folder(self, folder: Path) -> list[dict]:
         names_file = folder / "classnames.txt"
-        names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in read_utf8(names_file).splitlines() if line.strip()]
         if (folder / "labels.txt").is_file():
             items = _read_label_txt(folder / "labels.txt", folder, len(names))
         elif (folder / "labels.pth").is_file():
@@ -128,15 +128,15 @@ class ClassificationTask(Task):
         else:
             raise DataError(f"{folder}: has classnames.txt but no labels.txt or labels.pth")
         return [
-            {"id": os.path.relpath(image, folder), "image": image, "label": names[k], "question": self.question,
-             "problem": None, "dataset": self.dataset}
-            for image, k in items
+            {"origin": where, "id": os.path.relpath(image, folder), "image": image, "label": names[k],
+             "question": self.question, "problem": None, "dataset": self.dataset}
+            for image, k, where in items
         ]
 
     # ---- prompt ----------------------------------------------------------------------------------
     def messages(self, example: dict) -> list[dict]:
         """Instruct: image, question, think/answer instruction. Base: R1 system turn, user turn, "<think>"."""
-        image = to_pil(example["image"], where=f"example {example.get('id')}")
+        image = to_pil(example["image"], where=self.origin(example))
         problem = example.get("problem") if self.use_row_problem else None
         if problem:
             text = problem.strip()
@@ -187,20 +187,20 @@ def class_matches(answer: str | None, label: str, match: str = "exact") -> bool:
 
 
 # ---- label lists ---------------------------------------------------------------------------------
-def _read_label_txt(file: Path, folder: Path, n_classes: int) -> list[tuple[str, int]]:
+def _read_label_txt(file: Path, folder: Path, n_classes: int) -> list[tuple[str, int, str]]:
     items = []
-    for n, line in enumerate(file.read_text().splitlines(), 1):
+    for n, line in enumerate(read_utf8(file).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)  # image paths may contain spaces; the label is the last field
         where = f"{file}:{n}"
         if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) >= n_classes:
             raise DataError(f"{where}: expected '<image path> <label 0..{n_classes - 1}>', got {line!r}")
-        items.append((resolve_image_ref(parts[0], folder, where), int(parts[1])))
+        items.append((resolve_image_ref(parts[0], folder, where), int(parts[1]), where))
     return items
 
 
-def _read_label_pth(file: Path, image_dir: Path, n_classes: int) -> list[tuple[str, int]]:
+def _read_label_pth(file: Path, image_dir: Path, n_classes: int) -> list[tuple[str, int, str]]:
     import torch  # only this layout needs it; weights_only keeps a pickle from running code
 
     try:
@@ -214,7 +214,7 @@ def _read_label_pth(file: Path, image_dir: Path, n_classes: int) -> list[tuple[s
             label = int(info["label"]) if isinstance(info, dict) and "label" in info else -1
             if not 0 <= label < n_classes:
                 raise DataError(f"{where}: label {label} outside 0..{n_classes - 1}")
-            items.append((resolve_image_ref(Path(str(path)).name, image_dir, where), label))
+            items.append((resolve_image_ref(Path(str(path)).name, image_dir, where), label, where))
     if not items:
         raise DataError(f"{file}: expected a list of {{image path: {{'label': k}}}} entries")
     return items

@@ -71,7 +71,7 @@ class CVBenchTask(Task):
                     f"{where}: neither SAT (image_bytes, ...) nor CV-Bench (choices, ...) schema; keys: {sorted(row)}"
                 )
             if example is not None:
-                examples.append(example)
+                examples.append({**example, "origin": where})
         if not examples:
             raise DataError(f"{path} (split {split!r}): no usable rows (multi-image rows need multi_image=True)")
         return examples
@@ -130,8 +130,7 @@ class CVBenchTask(Task):
     # ---- prompt ----------------------------------------------------------------------------------
     def messages(self, example: dict) -> list[dict]:
         """Instruct: image(s), prompt, think/answer instruction. Base: R1 system turn, user turn, "<think>"."""
-        where = f"example {example.get('id')}"
-        images = [to_pil(value, where=where) for value in example["images"]]
+        images = [to_pil(value, where=self.origin(example)) for value in example["images"]]
         if self.prompt_style == "instruct":
             return self.conversation(images, f"{example['prompt']}\n{THINK_ANSWER_INSTRUCTION}")
         return self.conversation(images, example["prompt"])

@@ -134,7 +134,7 @@ def _distance(rng: random.Random, draw: ImageDraw.ImageDraw, size: int) -> dict:
 _MAKERS = {"Count": _count, "Relation": _relation, "Depth": _depth, "Distance": _distance}
 
 
-def make_row(index: int, seed: int, image_size: int = 112) -> dict:
+def _make_row(index: int, seed: int, image_size: int = 112) -> dict:
     """Row `index` of the twin, in CV-Bench's schema; the four tasks take turns so every split is balanced."""
     rng = random.Random(f"cvbench-synthetic:{seed}:{index}")
     task = TASKS[index % len(TASKS)]
@@ -152,4 +152,4 @@ def make_row(index: int, seed: int, image_size: int = 112) -> dict:
 
 def make_rows(size: int, seed: int, image_size: int = 112) -> list[dict]:
     """The first `size` rows of the twin for `seed`."""
-    return [make_row(i, seed, image_size) for i in range(size)]
+    return [_make_row(i, seed, image_size) for i in range(size)]

@@ -71,7 +71,7 @@ class GeometryTask(Task):
         return [_example_from_row(row, i, base_dir, f"{path}: row {i}") for i, row in enumerate(rows)]
 
     def messages(self, example: dict) -> list[dict]:
-        image = to_pil(example["image"], where=f"geometry example {example['id']}")
+        image = to_pil(example["image"], where=self.origin(example))
         return self.conversation([image], f"{example['question']} {INSTRUCTION}")
 
     def score(self, completion: str, example: dict) -> RewardOutput:
@@ -130,6 +130,7 @@ def _example_from_row(row: Any, index: int, base_dir: str | None, where: str) ->
     if not str(truth).strip() or not str(question).strip():
         raise DataError(f"{where}: empty question or ground truth")
     return {
+        "origin": where,
         "id": str(row.get("id", index)),
         "image": resolve_image_ref(image, base_dir, where),
         "question": str(question).strip(),

@@ -104,11 +104,12 @@ class _BoxTask(Task):
             where = f"{path}: row {index}"
             if not isinstance(row, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            examples.extend(self.examples_from_row(row, index, base_dir, split, where))
+            for example in self.examples_from_row(row, index, base_dir, split, where):
+                examples.append({**example, "origin": where})
         return examples
 
     def messages(self, example: dict) -> list[dict]:
-        image = to_pil(example["image"], where=f"{self.name} example {example['id']}")
+        image = to_pil(example["image"], where=self.origin(example))
         return self.conversation([image], self.prompt_text(example))
 
     def score(self, completion: str, example: dict) -> RewardOutput:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from gpg_vl.parsing import answer_blocks, extract_answer, extract_think, format_ok, match_choice
+from gpg_vl.parsing import _answer_blocks, extract_answer, extract_think, format_ok, match_choice
 
 # The regex versions these parsers replaced (quadratic on unclosed tags); kept here as the reference meaning.
 _TAG = re.compile(r"</?(?:think|answer)>")
@@ -44,7 +44,7 @@ def test_same_results_as_the_regexes_on_random_tag_soup():
         assert format_ok(text) == _format_ok_regex(text), text
         assert extract_answer(text) == _extract_answer_regex(text), text
         assert extract_think(text) == _extract_think_regex(text), text
-        assert list(answer_blocks(text)) == _ANSWER.findall(text), text
+        assert list(_answer_blocks(text)) == _ANSWER.findall(text), text
 
 
 @pytest.mark.parametrize(
