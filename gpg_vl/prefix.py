@@ -31,14 +31,52 @@ class PromptPrefix:
     last_logits: torch.Tensor | None  # [B, V] logits of the last prompt token (sampling only)
 
     def select(self, index: torch.Tensor) -> None:
-        """Keep row `index[i]` as row i (in place): [B] -> [N]; indexing keeps gradients flowing to the prompt."""
-        self.cache.batch_select_indices(index)
+        """Keep row `index[i]` as row i (in place): [B] -> [N]; gradients flow back to the prompt and sum there."""
+        map_cache(self.cache, lambda t: select_rows(t, index))
         self.attention_mask = self.attention_mask[index]
         self.next_position = self.next_position[index]
         if self.last_hidden is not None:
-            self.last_hidden = self.last_hidden[index]
+            self.last_hidden = select_rows(self.last_hidden, index)
         if self.last_logits is not None:
-            self.last_logits = self.last_logits[index]
+            self.last_logits = select_rows(self.last_logits, index)
+
+
+class _SelectRows(torch.autograd.Function):
+    """x[index] whose backward sums each source row's gradients in a fixed order.
+
+    Plain indexing's backward (index_put_ with accumulate) adds duplicate indices in a run-dependent order on
+    the CPU, which broke bit-exact resume; a group's G rows are exactly such duplicates.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return x[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros((ctx.rows, *grad.shape[1:]))
+        for row in index.unique().tolist():
+            out[row] = grad[index == row].sum(0)
+        return out, None
+
+
+def select_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of `x` along dim 0, with a deterministic backward."""
+    return _SelectRows.apply(x, index) if x.requires_grad else x[index]
+
+
+def map_cache(cache, fn) -> None:
+    """Replace every layer's keys and values by fn(them), in place (the DynamicCache layout moved in transformers 5)."""
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is not None:
+                layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+    else:  # transformers 4.x
+        cache.key_cache = [fn(k) for k in cache.key_cache]
+        cache.value_cache = [fn(v) for v in cache.value_cache]
 
 
 def inner_model(model):
@@ -139,3 +177,24 @@ def compute_token_logprobs_shared(
     # completion token 0 is predicted by the prompt's last position, token t by completion position t-1
     hidden = torch.cat([prefix.last_hidden[:, None], out.hidden_states[-1][:, :-1]], dim=1)  # [N, L, H]
     return logprobs_from_hidden(lm_head_of(model), hidden, completion_ids, response_mask, temperature, suppressed_ids)
+
+
+def compute_micro_batch_logprobs(
+    model, processor, prompts: list[list[dict]], prompt_indices: list[int], completion_ids, response_mask,
+    temperature: float, shared: bool,
+) -> torch.Tensor:
+    """[m, L] log-probs of one training micro-batch whose row i answers `prompts[prompt_indices[i]]`.
+
+    shared: each distinct prompt is encoded and run once; otherwise every row carries its own copy.
+    """
+    from gpg_vl.logprobs import compute_token_logprobs
+
+    device = next(getattr(model, "module", model).parameters()).device
+    banned = processor.suppressed_token_ids
+    if not shared:
+        inputs = processor([processor.resize(prompts[p]) for p in prompt_indices]).to(device)
+        return compute_token_logprobs(model, inputs, completion_ids, response_mask, temperature, banned)
+    distinct = sorted(set(prompt_indices))
+    inputs = processor([processor.resize(prompts[p]) for p in distinct]).to(device)
+    index = torch.tensor([distinct.index(p) for p in prompt_indices], device=device)
+    return compute_token_logprobs_shared(model, inputs, index, completion_ids, response_mask, temperature, banned)

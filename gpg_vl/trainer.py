@@ -29,7 +29,7 @@ from gpg_vl.config import LR_SCHEDULES, Config
 from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.images import message_images
 from gpg_vl.logger import RunLogger
-from gpg_vl.logprobs import compute_token_logprobs
+from gpg_vl.prefix import compute_micro_batch_logprobs
 from gpg_vl.modeling import check_model_source, load_policy, resolve_model_path
 from gpg_vl.recipes import add_arguments, config_from_args, config_to_yaml  # noqa: F401 (the `train` verb's CLI)
 from gpg_vl.registry import get_task
@@ -84,8 +84,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def micro_batches(rows: list[int], size: int, count: int) -> list[list[int]]:
-    """Split `rows` into exactly `count` chunks of at most `size` (DDP needs the same count on every rank)."""
+def micro_batches(
+    rows: list[int], size: int, count: int, lengths: list[int] | None = None, prompt_indices: list[int] | None = None
+) -> list[list[int]]:
+    """Split `rows` into exactly `count` chunks of at most `size` (DDP needs the same count on every rank).
+
+    With `lengths`, longest rows first and similar lengths together, since a micro-batch pays for its longest
+    row; with `prompt_indices` too, a group's rows stay adjacent (the shared-prefix forward runs each prompt
+    once per micro-batch) and groups are ordered by their longest row. The sum over micro-batches is unchanged.
+    """
+    if lengths is not None:
+        if prompt_indices is None:
+            rows = sorted(rows, key=lambda r: (-lengths[r], r))
+        else:
+            longest: dict[int, int] = {}
+            for r in rows:
+                longest[prompt_indices[r]] = max(longest.get(prompt_indices[r], 0), lengths[r])
+            rows = sorted(rows, key=lambda r: (-longest[prompt_indices[r]], prompt_indices[r], -lengths[r], r))
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
     return chunks + [[] for _ in range(count - len(chunks))]
 
@@ -216,24 +231,28 @@ def train(cfg: Config) -> dict:
         loss_sum, loss_metrics, grad_norm = 0.0, {}, 0.0
         if not skipped:
             old_logprobs: dict[int, torch.Tensor] = {}
+            # each prompt once per micro-batch (gpg_vl/prefix.py); checkpointing drops the KV cache it needs
+            shared = cfg.optim.shared_prefix and not cfg.model.gradient_checkpointing
+            lengths = [int(n) for n in mask.sum(1).tolist()]
             for iteration in range(algo.num_iterations):
-                chunks = micro_batches(carries, cfg.optim.micro_batch_size, n_micro)
+                chunks = micro_batches(carries, cfg.optim.micro_batch_size, n_micro, lengths, rollout.prompt_indices if shared else None)
                 for k, rows in enumerate(chunks):
                     idle = not rows  # this rank has fewer micro-batches: it runs one with weight 0
                     rows, weight = (carries[:1] or [0], 0.0) if idle else (rows, 1.0)
-                    prompts = [processor.resize(groups.prompts[rollout.prompt_indices[r]]) for r in rows]
-                    inputs = processor(prompts).to(accelerator.device)
+                    width = max(1, max(lengths[r] for r in rows))  # drop the padding no row here needs
+                    ids, row_mask = rollout.completion_ids[rows, :width], mask[rows, :width]  # [m, width]
+                    owners = [rollout.prompt_indices[r] for r in rows]
                     sync = accelerator.no_sync(model) if k < len(chunks) - 1 else _null()
                     with sync, accelerator.autocast():
-                        logprobs = compute_token_logprobs(model, inputs, rollout.completion_ids[rows], mask[rows], cfg.rollout.temperature, processor.suppressed_token_ids)  # [m, L]
+                        logprobs = compute_micro_batch_logprobs(model, processor, groups.prompts, owners, ids, row_mask, cfg.rollout.temperature, shared)  # [m, width]
                         if iteration == 0:
                             old_logprobs[k] = logprobs.detach()
                         ref = None
                         if ref_model is not None:
                             with torch.no_grad():
-                                ref = compute_token_logprobs(ref_model, inputs, rollout.completion_ids[rows], mask[rows], cfg.rollout.temperature, processor.suppressed_token_ids)
+                                ref = compute_micro_batch_logprobs(ref_model, processor, groups.prompts, owners, ids, row_mask, cfg.rollout.temperature, shared)
                         loss, m = algorithms.compute_policy_loss(
-                            algo.name, logprobs, advantages[rows].to(logprobs.device), mask[rows].to(logprobs.device),
+                            algo.name, logprobs, advantages[rows].to(logprobs.device), row_mask.to(logprobs.device),
                             alpha=alpha, old_logprobs=old_logprobs[k], ref_logprobs=ref,
                             clip_eps=algo.clip_eps, kl_coef=algo.kl_coef, loss_agg=algo.loss_agg,
                             total_tokens=total_tokens, total_sequences=total_seqs,

@@ -66,3 +66,29 @@ def test_shared_prefix_equals_per_row_forward(policy, rows):
     for name in ref_grads:
         scale = ref_grads[name].abs().max()  # relative to the tensor's largest entry (float summation order)
         assert (new_grads[name] - ref_grads[name]).abs().max() <= 1e-5 * scale, name
+
+
+def test_micro_batches_keep_the_count_and_sort_by_length():
+    from gpg_vl.trainer import micro_batches
+
+    lengths = [3, 9, 1, 9, 2, 5, 4, 8]  # rows 0..7; prompts: rows 0-3 -> 0, rows 4-7 -> 1
+    owners = [0, 0, 0, 0, 1, 1, 1, 1]
+    rows = [0, 1, 2, 4, 5, 6, 7]  # row 3 has advantage 0 and is not run
+    by_length = micro_batches(rows, 3, 4, lengths)
+    assert by_length == [[1, 7, 5], [6, 0, 4], [2], []]  # longest first: a chunk pays only for its longest row
+    grouped = micro_batches(rows, 3, 3, lengths, owners)
+    assert grouped == [[1, 0, 2], [7, 5, 6], [4]]  # prompt 0 (longest row 9) first, each group kept adjacent
+    assert sorted(r for c in grouped for r in c) == rows and micro_batches(rows, 3, 3) == [[0, 1, 2], [4, 5, 6], [7]]
+
+
+def test_trainer_step_is_the_same_with_and_without_the_shared_prefix(tiny_model_dir, tmp_path):
+    from test_trainer import args_for, rows as metrics
+    from gpg_vl.cli import main
+
+    common = ("train.max_steps=1", "optim.micro_batch_size=5", "optim.max_grad_norm=0")
+    main(args_for(tiny_model_dir, tmp_path / "shared", *common, "optim.shared_prefix=true"))
+    main(args_for(tiny_model_dir, tmp_path / "per_row", *common, "optim.shared_prefix=false"))
+    shared, per_row = metrics(tmp_path / "shared")[0], metrics(tmp_path / "per_row")[0]
+    assert shared["skipped"] == 0 and shared["reward_mean"] == per_row["reward_mean"]  # the same rollouts
+    assert shared["loss"] == pytest.approx(per_row["loss"], abs=1e-6)
+    assert shared["grad_norm"] == pytest.approx(per_row["grad_norm"], rel=1e-5)
