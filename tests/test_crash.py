@@ -204,7 +204,8 @@ def test_kill_9_at_random_moments_and_inside_saves(tiny_model_dir, tmp_path):
     wa, wb = load_file(str(ref / f"checkpoint-{STEPS}/model.safetensors")), load_file(str(out / f"checkpoint-{STEPS}/model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = torch.load(ref / f"checkpoint-{STEPS}" / STATE_FILE, weights_only=False), torch.load(out / f"checkpoint-{STEPS}" / STATE_FILE, weights_only=False)
-    assert all(torch.equal(x["exp_avg"], y["exp_avg"]) for x, y in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()))
+    moments = zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values())
+    assert all(torch.equal(x[k], y[k]) for x, y in moments for k in ("exp_avg", "exp_avg_sq"))
 
 
 def _running(pid: int) -> bool:
