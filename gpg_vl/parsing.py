@@ -102,9 +102,13 @@ def match_choice(answer: str | None, choices: Sequence[str]) -> int | None:
         return texts.index(norm)
     letters = {m.group(1).upper() for m in _PAREN_LETTER.finditer(answer)}
     for m in _BARE_LETTER.finditer(answer):
+        if len(letters) > 1:
+            break  # two letters already: the answer hedges, nothing more can change that
         letter = m.group(1)
         # a bare capital names a choice only if there is such a choice: "I think B" names B alone
-        if letter in LETTERS[: len(choices)] and not (letter == "A" and _ARTICLE_AFTER.match(answer, m.end())):
+        if letter in letters or letter not in LETTERS[: len(choices)]:
+            continue
+        if not (letter == "A" and _ARTICLE_AFTER.match(answer, m.end())):
             letters.add(letter)
     if len(norm) == 1 and norm.isalpha():
         letters.add(norm.upper())
