@@ -198,7 +198,7 @@ class LisaTask(_BoxTask):
         if not instructions or not all(isinstance(t, str) and t.strip() for t in instructions):
             raise DataError(f"{where}: 'instruction' must be a non-empty string or list of strings")
         # Training expands every instruction into an example (Visual-RFT's gen_sft.py); evaluation uses the first.
-        chosen = instructions if split == "train" else instructions[:1]
+        chosen = instructions if self.is_train_split(split) else instructions[:1]
         base_id = str(row.get("id", index))
         return [
             {
