@@ -11,7 +11,7 @@ import math
 import re
 from collections.abc import Sequence
 
-Box = tuple[float, float, float, float]
+from gpg_vl.task import Box
 
 _NUM = r"(-?\d+(?:\.\d+)?)"
 # Visual-RFT's LISA answer "(x1,y1),(x2,y2)"; Visual-RFT's own regex takes integers only, this one also

@@ -11,6 +11,8 @@ import math
 
 from PIL import Image, ImageDraw
 
+from gpg_vl.task import Box
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -21,8 +23,6 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 BACKGROUND = (240, 240, 240)
-
-Box = tuple[float, float, float, float]
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour: str) -> Box:
