@@ -30,6 +30,7 @@ from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.images import message_images
 from gpg_vl.logger import RunLogger
 from gpg_vl.prefix import compute_micro_batch_logprobs
+from gpg_vl.threads import configure_threads
 from gpg_vl.modeling import check_model_source, load_policy, resolve_model_path
 from gpg_vl.recipes import add_arguments, config_from_args, config_to_yaml  # noqa: F401 (the `train` verb's CLI)
 from gpg_vl.registry import get_task
@@ -120,6 +121,7 @@ def train(cfg: Config) -> dict:
     bf16 = use_cuda and cfg.model.dtype in ("auto", "bfloat16")
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if bf16 else "no")
     rank, world = accelerator.process_index, accelerator.num_processes
+    configure_threads(world)  # each local process takes its share of the CPUs (gpg_vl/threads.py)
     if cfg.train.prompts_per_step % world:
         raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must divide by the {world} processes")
     torch.manual_seed(cfg.train.seed)
