@@ -1,6 +1,6 @@
 """The selective log-softmax (LM head per chunk of completion tokens) against the straightforward full
-[N, L, V] log-softmax it replaced: same log-probs and same parameter gradients within 1e-5, on Qwen2-VL and
-Qwen2.5-VL, with temperature != 1, banned ids, left padding and completions of different lengths."""
+[N, L, V] log-softmax it replaced: same log-probs and same parameter gradients within 1e-5, on Qwen2-VL,
+Qwen2.5-VL and Qwen3-VL, with temperature != 1, banned ids, left padding and completions of different lengths."""
 
 import pytest
 import torch
@@ -43,7 +43,7 @@ def batch(processor, n_prompts=3, seed=0):
     return inputs, completion_ids, mask
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def policy(request, tmp_path_factory):
     folder = make_tiny(tmp_path_factory.mktemp(request.param) / "m", arch=request.param, seed=0)
     return load_policy(ModelConfig(name_or_path=str(folder), min_pixels=3136, max_pixels=12544))

@@ -1,6 +1,6 @@
 """The shared-prefix training forward (each prompt and its images run once per group) against the per-row
 forward it replaces: same log-probs and parameter gradients within 1e-5 relative, with left padding,
-two images in one prompt, partial groups and completions of different lengths; Qwen2-VL and Qwen2.5-VL."""
+two images in one prompt, partial groups and completions of different lengths; Qwen2-VL, Qwen2.5-VL and Qwen3-VL."""
 
 import pytest
 import torch
@@ -40,7 +40,7 @@ def grads_of(model, fn, weights):
     return logprobs.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def policy(request, tmp_path_factory):
     folder = make_tiny(tmp_path_factory.mktemp(request.param) / "m", arch=request.param, seed=0)
     return load_policy(ModelConfig(name_or_path=str(folder), min_pixels=3136, max_pixels=12544))
