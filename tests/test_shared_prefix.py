@@ -92,3 +92,21 @@ def test_trainer_step_is_the_same_with_and_without_the_shared_prefix(tiny_model_
     assert shared["skipped"] == 0 and shared["reward_mean"] == per_row["reward_mean"]  # the same rollouts
     assert shared["loss"] == pytest.approx(per_row["loss"], abs=1e-6)
     assert shared["grad_norm"] == pytest.approx(per_row["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_shared_prefix_equals_per_row_forward_on_small_20m(tmp_path):
+    # wider and deeper (8 layers, vocabulary 2048): errors that cancel on the tiny model would show here
+    folder = make_tiny(tmp_path / "small", preset="small-20m", seed=0)
+    model, processor = load_policy(ModelConfig(name_or_path=str(folder), min_pixels=3136, max_pixels=12544))
+    prompts, owner, ids, mask = prompts_and_completions(processor, G=2)
+    distinct = sorted(set(owner))
+    index = torch.tensor([distinct.index(p) for p in owner])
+    banned = processor.suppressed_token_ids
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
+    per_row, shared = processor([prompts[p] for p in owner]), processor([prompts[p] for p in distinct])
+    ref, ref_grads = grads_of(model, lambda: compute_token_logprobs(model, per_row, ids, mask, 1.0, banned), weights)
+    new, new_grads = grads_of(model, lambda: compute_token_logprobs_shared(model, shared, index, ids, mask, 1.0, banned), weights)
+    torch.testing.assert_close(new, ref, rtol=1e-5, atol=1e-5)
+    for name in ref_grads:
+        assert (new_grads[name] - ref_grads[name]).abs().max() <= 1e-5 * ref_grads[name].abs().max(), name
