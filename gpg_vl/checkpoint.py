@@ -85,6 +85,14 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
 PRUNED_PREFIX = ".pruned-"
 # Hidden names only our own saves, prunes and overwrites create; anything else in a run folder is left alone.
+SHARDS_DIR = "optimizer-shards"  # DeepSpeed: one optimizer state per rank (rank{r}.pt)
+
+
+def shards_staging_dir(output_dir: str | Path, step: int) -> Path:
+    """Where every rank writes its optimizer shard before the main process saves checkpoint-`step`."""
+    return Path(output_dir) / f".tmp-{CHECKPOINT_PREFIX}{step}-shards"
+
+
 LEFTOVER_PREFIXES = (
     f".tmp-{CHECKPOINT_PREFIX}", f".old-{CHECKPOINT_PREFIX}", f"{PRUNED_PREFIX}{CHECKPOINT_PREFIX}",
     ".tmp-metrics.jsonl-", ".tmp-samples.jsonl-", ".overwritten-",
@@ -111,8 +119,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def save_checkpoint(folder: str | Path, model, processor, state: dict, keep_last: int, state_dict=None) -> Path:
+def save_checkpoint(folder: str | Path, model, processor, state: dict, keep_last: int, state_dict=None, staged: Path | None = None) -> Path:
     """Write `folder` atomically: HF model + processor files + trainer_state.pt; prune to the newest K.
+
+    `staged`: a folder other processes already wrote (DeepSpeed's per-rank optimizer shards), moved in whole
+    as `SHARDS_DIR` before the rename, so it is part of the checkpoint or of nothing.
 
     A full disk or a read-only folder raises a one-line CheckpointError; the earlier checkpoints are intact."""
     import torch
@@ -124,6 +135,8 @@ def save_checkpoint(folder: str | Path, model, processor, state: dict, keep_last
                 model.save_pretrained(tmp, state_dict=state_dict)
                 processor.save_pretrained(tmp)
                 torch.save(state, tmp / STATE_FILE)
+                if staged is not None:
+                    os.replace(staged, tmp / SHARDS_DIR)
             except Exception as e:
                 # diagnosed here, while the partial files still fill the disk; atomic_dir then removes them
                 reason = _disk_reason(e, tmp)

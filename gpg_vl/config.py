@@ -278,6 +278,9 @@ class TrainConfig:
     overwrite: bool = False
     """A fresh run into a folder that holds an earlier run deletes that run's files (config.yaml, logs, tb/,
     samples, checkpoint-N/) first; false (default): stop with an error instead. Other files are left alone."""
+    sharding: str = option("none", choices=("none", "fsdp"))
+    """none: every process holds the whole model (DDP, or DeepSpeed ZeRO when launched with its config);
+    fsdp: parameters, gradients and optimizer state sharded across processes with torch FSDP2 (also on CPU)."""
 
 
 @dataclass

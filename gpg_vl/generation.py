@@ -123,6 +123,7 @@ def evaluate_completions(
     batch_size: int,
     rank: int = 0,
     world: int = 1,
+    lockstep: bool = False,
 ) -> tuple[list[str], dict[str, float]]:
     """Generate for `examples` in batches of `batch_size` prompts; (first completion per example, metrics).
 
@@ -130,14 +131,18 @@ def evaluate_completions(
     all completions back, in order, and the metrics rank 0 computed on the full set. Examples whose images
     cannot be read get "" and are left out of the metrics (a warning says how many).
     """
-    # Trap: this assumes each rank can generate on its own (DDP and ZeRO-1/2 keep whole weights per rank). A
-    # sharded model (FSDP2, ZeRO-3) gathers weights inside every forward, in lockstep, which slices break.
+    # Trap: a sharded model (FSDP2, ZeRO-3) gathers weights inside every forward, so all ranks must run the
+    # same number of batches (`lockstep`): a shorter slice is padded with one of its examples, dropped after.
     start, stop = shard_bounds(len(examples), rank, world)
+    mine_examples = list(examples[start:stop])
+    if lockstep and examples:
+        longest = -(-len(examples) // world)
+        mine_examples += [examples[min(start, len(examples) - 1)]] * (longest - len(mine_examples))
     step = max(1, batch_size)
     mine: list[Generated] = []
-    for first in range(start, stop, step):
-        mine += generate_batch(task, engine, examples[first : min(first + step, stop)], sampling)
-    generated = gather_to_all(mine, world)
+    for first in range(0, len(mine_examples), step):
+        mine += generate_batch(task, engine, mine_examples[first : first + step], sampling)
+    generated = gather_to_all(mine[: stop - start], world)
     if len(generated) != len(examples):
         raise RuntimeError(f"gathered {len(generated)} results for {len(examples)} examples over {world} processes")
     metrics = None

@@ -24,8 +24,12 @@ import torch
 from accelerate import Accelerator
 
 from gpg_vl import algorithms
-from gpg_vl.checkpoint import CHECKPOINT_PREFIX, load_trainer_state, prepare_run_dir, save_checkpoint
+from gpg_vl.checkpoint import CHECKPOINT_PREFIX, SHARDS_DIR, load_trainer_state, prepare_run_dir, save_checkpoint, shards_staging_dir
 from gpg_vl.config import LR_SCHEDULES, Config, ConfigError
+from gpg_vl.distributed import (
+    configure_deepspeed, full_model_state_dict, full_optimizer_state_dict, grad_norm_value, is_deepspeed, is_fsdp2,
+    load_full_optimizer_state_dict, micro_batch, shard_model,
+)
 from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.images import message_images
 from gpg_vl.logger import RunLogger
@@ -188,18 +192,28 @@ def train(cfg: Config) -> dict:
         ref_cfg.lora.r = 0  # the reference is the base policy, without adapters
         ref_model, _ = load_policy(ref_cfg, accelerator.device, weights_dtype)
         ref_model.eval().requires_grad_(False)
+    sharded = cfg.train.sharding == "fsdp"
+    if sharded:  # accelerate builds FSDP on multi-GPU only, so the trainer shards the model itself
+        if world < 2:
+            raise ConfigError("train.sharding=fsdp needs several processes (accelerate launch or torchrun)")
+        shard_model(model, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
     if accelerator.is_main_process:
         print(describe_parameters(model, cfg.optim.name))
     scheduler = make_scheduler(optimizer, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if is_deepspeed(accelerator):
+        configure_deepspeed(accelerator.state.deepspeed_plugin, cfg.optim.micro_batch_size, world, cfg.optim.max_grad_norm)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
     engine = make_engine(cfg.rollout.engine, policy, processor, cfg.rollout, cfg.model)
     sampler = PromptSampler(len(train_examples), cfg.train.seed, rank, world)
     start_step = 0
     if resume_dir is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(accelerator, model, optimizer, state, resume_dir)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
@@ -279,7 +293,7 @@ def train(cfg: Config) -> dict:
                     width = max(1, max(lengths[r] for r in rows))  # drop the padding no row here needs
                     ids, row_mask = rollout.completion_ids[rows, :width], mask[rows, :width]  # [m, width]
                     owners = [rollout.prompt_indices[r] for r in rows]
-                    sync = accelerator.no_sync(model) if k < len(chunks) - 1 else _null()
+                    sync = micro_batch(accelerator, model, last=k == len(chunks) - 1)  # one sync/step per GPG step
                     with sync, accelerator.autocast():
                         logprobs = compute_micro_batch_logprobs(model, processor, groups.prompts, owners, ids, row_mask, cfg.rollout.temperature, shared)  # [m, width]
                         if iteration == 0:
@@ -303,7 +317,7 @@ def train(cfg: Config) -> dict:
 
                 # ==== 4. optimizer step ====
                 max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")  # inf: measure only
-                grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+                grad_norm = grad_norm_value(accelerator.clip_grad_norm_(params, max_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -356,21 +370,14 @@ def train(cfg: Config) -> dict:
     return metrics
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def evaluate_heldout(task, engine, examples, cfg: Config, rank: int = 0, world: int = 1) -> dict[str, float]:
     """Greedy completions on the held-out split, scored with the task's own metrics. Each of the `world`
     processes generates one slice; the metrics are computed once, on the whole split, and every rank gets them."""
     from gpg_vl.generation import evaluate_completions
 
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
-    _, metrics = evaluate_completions(task, engine, examples, params, cfg.eval.batch_size, rank, world)
+    lockstep = cfg.train.sharding == "fsdp"  # sharded weights: every rank runs every forward
+    _, metrics = evaluate_completions(task, engine, examples, params, cfg.eval.batch_size, rank, world, lockstep)
     return metrics
 
 
@@ -419,17 +426,39 @@ def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: in
     logger.samples(step, rows, images)
 
 
+def load_optimizer_state(accelerator, model, optimizer, state: dict, folder: Path) -> None:
+    """The optimizer state a checkpoint saved, back onto this rank (the full state under FSDP2, this rank's
+    own shard under DeepSpeed, the whole state otherwise)."""
+    if is_fsdp2(model):
+        load_full_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"])
+    elif is_deepspeed(accelerator):
+        shard = folder / SHARDS_DIR / f"rank{accelerator.process_index}.pt"
+        optimizer.load_state_dict(torch.load(shard, map_location="cpu", weights_only=False))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+
+
 def save(accelerator, model, processor, optimizer, scheduler, sampler, step: int, cfg: Config, metrics: dict | None = None) -> None:
     """Checkpoint with every rank's RNG state and this step's metrics line, written by the main process atomically."""
     rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [rng_state()]
     policy = accelerator.unwrap_model(model)
-    # LoRA: merged weights, so the folder loads without peft; otherwise a collective under ZeRO-3
-    # (parameters are sharded) and a plain state dict elsewhere
-    weights = merged_state_dict(policy) if is_lora(policy) else accelerator.get_state_dict(model)
+    # LoRA: merged weights, so the folder loads without peft. FSDP2: weights and optimizer state gathered
+    # (collectives). DeepSpeed: a collective under ZeRO-3, and each rank stages its own optimizer shard.
+    staged = None
+    if is_fsdp2(model):
+        weights, optimizer_state = full_model_state_dict(model), full_optimizer_state_dict(model, optimizer.optimizer)
+    else:
+        weights = merged_state_dict(policy) if is_lora(policy) else accelerator.get_state_dict(model)
+        optimizer_state = None if is_deepspeed(accelerator) else optimizer.state_dict()
+    if is_deepspeed(accelerator):
+        staged = shards_staging_dir(cfg.train.output_dir, step)
+        staged.mkdir(parents=True, exist_ok=True)
+        torch.save(optimizer.state_dict(), staged / f"rank{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "sampler": sampler.state_dict(),
             "rng": rngs,
@@ -439,5 +468,5 @@ def save(accelerator, model, processor, optimizer, scheduler, sampler, step: int
         if is_lora(policy):
             state["adapter"] = adapter_state_dict(policy)
         folder = Path(cfg.train.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-        save_checkpoint(folder, base_model(policy), processor, state, cfg.checkpoint.keep_last, weights)
+        save_checkpoint(folder, base_model(policy), processor, state, cfg.checkpoint.keep_last, weights, staged)
     accelerator.wait_for_everyone()
