@@ -12,6 +12,8 @@ $(BIN)/gpg-vl: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev]"
+	# DeepSpeed ships as an sdist whose setup.py imports torch: build it against the torch above, ops JIT-only
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed
 	touch $(BIN)/gpg-vl
 
 setup: $(BIN)/gpg-vl
