@@ -64,6 +64,19 @@ def merged_state_dict(model) -> dict[str, torch.Tensor]:
     return merged
 
 
+@torch.no_grad()
+def merged_parameters(model):
+    """(HF name, tensor) for each parameter once, adapters folded in: what a rollout engine loads (vLLM)."""
+    if not is_lora(model):
+        yield from model.named_parameters()
+        return
+    merged = merged_state_dict(model)
+    for name, _ in base_model(model).named_parameters():
+        if ".lora_" in name:
+            continue
+        yield name.replace(".base_layer.", "."), merged[name.replace(".base_layer.", ".")]
+
+
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     """The adapter weights alone (what a LoRA resume needs besides the unchanged base)."""
     from peft import get_peft_model_state_dict

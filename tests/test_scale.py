@@ -145,3 +145,22 @@ def test_2b_shape_tokenizer_has_qwens_special_ids_and_real_vocabulary():
     assert (v.embed_dim, v.num_heads, v.mlp_ratio, v.patch_size, v.spatial_merge_size, v.hidden_size) == (1280, 16, 4, 14, 2, 1536)
     assert (t.num_hidden_layers, v.depth) == (2, 2) and config.tie_word_embeddings
     assert (config.image_token_id, config.vision_start_token_id) == (151655, 151652)
+
+
+def test_rollout_engines_receive_merged_lora_weights_under_the_plain_names(tiny_model_dir):
+    import copy
+
+    from gpg_vl.lora import merged_parameters
+
+    plain, _ = load_policy(ModelConfig(name_or_path=str(tiny_model_dir)))
+    policy, _ = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraConfig(r=4, alpha=8)))
+    torch.manual_seed(0)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # fresh adapters are zero; make them count
+    merged = dict(merged_parameters(policy))
+    assert list(merged) == [n for n, _ in plain.named_parameters()]  # the names vLLM's loader maps
+    reference = dict(copy.deepcopy(policy).merge_and_unload().named_parameters())  # peft's own merge
+    for name, value in merged.items():
+        torch.testing.assert_close(value, reference[name], msg=name)
+    assert any(not torch.equal(merged[n], p) for n, p in plain.named_parameters())

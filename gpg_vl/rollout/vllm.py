@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from gpg_vl.lora import merged_parameters
 from gpg_vl.images import message_images
 from gpg_vl.rollout.base import Rollout, SamplingParams
 
@@ -285,7 +286,7 @@ class VLLMEngine:
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Copy the policy's current weights into vLLM (called after every optimizer step)."""
         self._wake(["weights"])  # level-1 sleep restores the backed-up weights first, then these overwrite them
-        push_weights(self.llm, hf_to_vllm_weights(model.named_parameters()))
+        push_weights(self.llm, hf_to_vllm_weights(merged_parameters(model)))  # LoRA: adapters folded in
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> Rollout:
