@@ -15,7 +15,7 @@ VERBS = {
     "eval": ("gpg_vl.evaluate", "Evaluate one or more checkpoints on a task with its published metrics."),
     "demo": ("gpg_vl_demo.app", "Open a local web page that compares checkpoints side by side."),
     "tasks": ("gpg_vl.cli", "List the registered tasks."),
-    "make-tiny": ("gpg_vl.cli", "Build a tiny random-weight Qwen2-VL / Qwen2.5-VL folder (offline kit)."),
+    "make-tiny": ("gpg_vl.cli", "Build a random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder from the offline kit."),
 }
 
 
@@ -48,7 +48,7 @@ def _own_arguments(p: argparse.ArgumentParser, verb: str) -> None:
 
         p.add_argument("out", help="folder to write the model to")
         p.add_argument("--arch", choices=ARCHES, default="qwen2_vl", help="model family (default: qwen2_vl)")
-        p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="sizes (tiny ~0.8M params; small-20m for benchmarks)")
+        p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="sizes: tiny (~0.8M params), small-20m (benchmarks), 2b-shape (Qwen2-VL-2B widths and vocabulary, 2+2 layers)")
         p.add_argument("--seed", type=int, default=0, help="weight and tokenizer seed (same seed, same folder)")
 
 
@@ -81,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     from gpg_vl.checkpoint import CheckpointError
     from gpg_vl.config import ConfigError
     from gpg_vl.data import DataError
+    from gpg_vl.mathverify import MathVerifyUnavailable
     from gpg_vl.modeling import ModelLoadError
 
     try:
         return int(_module(module).run(args) or 0)
-    except (CheckpointError, ConfigError, DataError, ModelLoadError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, DataError, MathVerifyUnavailable, ModelLoadError, FileNotFoundError) as e:
         print(f"gpg-vl {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
