@@ -19,7 +19,7 @@ BUILTINS = {
     "small-20m": ("qwen2_vl", "small-20m", False),
     "2b-shape": ("qwen2_vl", "2b-shape", False),
 }
-KIT_VERSION = "2"  # bump when the tiny kit changes, so stale caches are rebuilt
+KIT_VERSION = "3"  # bump when the kit or the warm-up data changes, so stale caches are rebuilt (3: new shapes palette)
 
 
 class ModelLoadError(RuntimeError):
