@@ -86,8 +86,8 @@ def test_trainer_step_is_the_same_with_and_without_the_shared_prefix(tiny_model_
     from gpg_vl.cli import main
 
     common = ("train.max_steps=1", "optim.micro_batch_size=5", "optim.max_grad_norm=0")
-    main(args_for(tiny_model_dir, tmp_path / "shared", *common, "optim.shared_prefix=true"))
-    main(args_for(tiny_model_dir, tmp_path / "per_row", *common, "optim.shared_prefix=false"))
+    assert main(args_for(tiny_model_dir, tmp_path / "shared", *common, "optim.shared_prefix=true")) == 0
+    assert main(args_for(tiny_model_dir, tmp_path / "per_row", *common, "optim.shared_prefix=false")) == 0
     shared, per_row = metrics(tmp_path / "shared")[0], metrics(tmp_path / "per_row")[0]
     assert shared["skipped"] == 0 and shared["reward_mean"] == per_row["reward_mean"]  # the same rollouts
     assert shared["loss"] == pytest.approx(per_row["loss"], abs=1e-6)

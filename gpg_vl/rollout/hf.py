@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 )
 
 from gpg_vl.prefix import continue_forward, prefill
+from gpg_vl.distributed import any_rank, needs_lockstep
 from gpg_vl.rollout.base import Rollout, SamplingParams
 
 
@@ -43,6 +44,8 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> Rollout:
+        if params.max_new_tokens < 1 or params.n < 1:
+            raise ValueError(f"SamplingParams needs n >= 1 and max_new_tokens >= 1; got n={params.n}, max_new_tokens={params.max_new_tokens}")
         # One row per completion, group-contiguous: prompt 0 repeated n times, then prompt 1, ...
         rows = [i for i in range(len(prompts)) for _ in range(params.n)]
         resized = [self.processor.resize(p) for p in prompts]
@@ -90,6 +93,7 @@ class HFEngine:
         prefix = prefill(model, inputs, want_hidden=False)
         prefix.select(torch.arange(len(batch), device=device).repeat_interleave(n))  # [B] -> [B*n], group-contiguous
         processors = self._processors(params)
+        lockstep = needs_lockstep(model)
         ids = inputs["input_ids"].repeat_interleave(n, dim=0)  # [N, P] what processors see as the past
         mask = prefix.attention_mask
         eos_t = torch.tensor(eos, device=device)
@@ -107,7 +111,9 @@ class HFEngine:
             tokens.append(token)
             logprobs.append(scores.gather(-1, token[:, None]).squeeze(-1))
             unfinished &= ~torch.isin(token, eos_t)
-            if not unfinished.any() or step == params.max_new_tokens - 1:
+            # sharded weights: a rank that is done keeps stepping (padding) until every rank is done
+            running = any_rank(bool(unfinished.any()), device) if lockstep else bool(unfinished.any())
+            if not running or step == params.max_new_tokens - 1:
                 break
             ids = torch.cat([ids, token[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
