@@ -265,7 +265,7 @@ class VLLMEngine:
         if not version_supported(vllm.__version__):
             lo, hi = VLLM_RANGE
             warnings.warn(f"vllm {vllm.__version__} is outside the range this engine is coded for ({lo} <= v < {hi})", stacklevel=2)
-        from gpg_vl.modeling import resolve_model_path
+        from gpg_vl.builtin import resolve_model_path
 
         self.processor = processor
         self.max_images = max_images_per_prompt
