@@ -10,6 +10,9 @@ import math
 
 from PIL import Image
 
+# Qwen2-VL's own image-processor defaults: used only when neither the config nor the model folder says more.
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 28 * 28 * 1280
 FACTOR = 28  # Qwen2/2.5-VL: patch 14 x spatial merge 2 (Qwen3-VL: 32); processors pass their own
 
 

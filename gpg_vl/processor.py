@@ -13,12 +13,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, BatchFeature
 
-from gpg_vl.images import message_images, resize_messages
+from gpg_vl.images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, message_images, resize_messages
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-# Qwen2-VL's own image-processor defaults, used only when neither the config nor the model folder says more.
-QWEN_MIN_PIXELS = 56 * 56
-QWEN_MAX_PIXELS = 28 * 28 * 1280
 
 
 def load_image_processor(path: str | Path, local_files_only: bool = False):

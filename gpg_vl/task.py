@@ -15,10 +15,10 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from PIL import Image
 
 from gpg_vl.data import DataError
+from gpg_vl.images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
 
-# Qwen2-VL's own processor defaults; the trainer and eval overwrite them from the model config.
-DEFAULT_MIN_PIXELS = 56 * 56
-DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+# the budget a task assumes until the trainer, eval or demo call configure_images with the policy's own
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = QWEN_MIN_PIXELS, QWEN_MAX_PIXELS
 PROMPT_STYLES = ("instruct", "base")
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
 
