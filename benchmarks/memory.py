@@ -45,7 +45,7 @@ def run_ours(mode: str, completions: int, tokens: int) -> dict:
     out = tempfile.mkdtemp(prefix="gpg-mem-")
     cfg = load_config(None, [
         "model.name_or_path=builtin:2b-shape", f"model.min_pixels={PIXELS}", f"model.max_pixels={PIXELS}",
-        f"task.name={HERE / 'hash_task.py'}:HashTask", "task.train_data=synthetic:64", "task.options={image_size: 224}",
+        f"task.name={HERE / 'vs_trl.py'}:HashRewardTask", "task.train_data=synthetic:64", "task.options={image_size: 224}",
         f"rollout.group_size={G}", f"rollout.max_new_tokens={tokens}", f"train.prompts_per_step={completions // G}",
         "train.max_steps=1", "optim.micro_batch_size=8", "optim.lr=1e-6", "eval.at_end=false",
         "algorithm.min_valid_fraction=0", "logging.progress_bar=false", "logging.tensorboard=false",
@@ -66,13 +66,13 @@ def run_trl(completions: int, tokens: int) -> dict:
     from gpg_vl.builtin import resolve_model_path
     from gpg_vl.processor import VISION_TOKENS
     sys.path.insert(0, str(HERE))
-    from hash_task import HashTask, hash_reward
+    from vs_trl import HashRewardTask, hash_reward
 
     path = resolve_model_path("builtin:2b-shape")
     processor = AutoProcessor.from_pretrained(path, min_pixels=PIXELS, max_pixels=PIXELS)
     processor.chat_template = processor.chat_template or processor.tokenizer.chat_template
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    task = HashTask(image_size=224)
+    task = HashRewardTask(image_size=224)
     rows = []
     for example in task.load("synthetic:64", "train")[: completions // G]:
         messages = task.messages(example)
