@@ -156,7 +156,10 @@ def train(cfg: Config) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     configure_threads(world)  # each local process takes its share of the CPUs (gpg_vl/threads.py)
     if cfg.train.prompts_per_step % world:
-        raise ValueError(f"train.prompts_per_step={cfg.train.prompts_per_step} must divide by the {world} processes")
+        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must divide by the {world} processes")
+    sharded = cfg.train.sharding == "fsdp"
+    if sharded and world < 2:
+        raise ConfigError("train.sharding=fsdp needs several processes (accelerate launch or torchrun)")
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
@@ -192,10 +195,7 @@ def train(cfg: Config) -> dict:
         ref_cfg.lora.r = 0  # the reference is the base policy, without adapters
         ref_model, _ = load_policy(ref_cfg, accelerator.device, weights_dtype)
         ref_model.eval().requires_grad_(False)
-    sharded = cfg.train.sharding == "fsdp"
     if sharded:  # accelerate builds FSDP on multi-GPU only, so the trainer shards the model itself
-        if world < 2:
-            raise ConfigError("train.sharding=fsdp needs several processes (accelerate launch or torchrun)")
         shard_model(model, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)

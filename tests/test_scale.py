@@ -164,3 +164,9 @@ def test_rollout_engines_receive_merged_lora_weights_under_the_plain_names(tiny_
     for name, value in merged.items():
         torch.testing.assert_close(value, reference[name], msg=name)
     assert any(not torch.equal(merged[n], p) for n, p in plain.named_parameters())
+
+
+def test_fsdp_on_one_process_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    assert main(args_for(tiny_model_dir, tmp_path / "x", "train.sharding=fsdp")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.sharding=fsdp needs several processes" in err
