@@ -16,6 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from gpg_vl import hub
+from gpg_vl.config import DTYPES
 from gpg_vl.builtin import BUILTIN_PREFIX, BUILTINS, ModelLoadError, cache_dir, resolve_model_path
 from gpg_vl.processor import VISION_TOKENS, VLProcessor, image_processor_class, load_processor, save_processor
 
@@ -49,10 +50,10 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 on CUDA and float32 on the CPU (for inference; training keeps fp32 masters then)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    except KeyError:
-        raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16; got {name!r}") from None
+    dtype = getattr(torch, name, None) if name in DTYPES else None  # the names config.DTYPES allows
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model.dtype must be one of {', '.join(DTYPES)}; got {name!r}")
+    return dtype
 
 
 def resolve_attn_implementation(name: str) -> str:

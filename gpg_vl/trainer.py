@@ -24,7 +24,9 @@ import torch
 from accelerate import Accelerator
 
 from gpg_vl import algorithms
-from gpg_vl.checkpoint import CHECKPOINT_PREFIX, SHARDS_DIR, load_trainer_state, prepare_run_dir, save_checkpoint, shards_staging_dir
+from gpg_vl.checkpoint import (
+    CHECKPOINT_PREFIX, SHARDS_DIR, atomic_write_text, load_trainer_state, prepare_run_dir, save_checkpoint, shards_staging_dir,
+)
 from gpg_vl.config import LR_SCHEDULES, Config, ConfigError
 from gpg_vl.distributed import (
     configure_deepspeed, full_model_state_dict, full_optimizer_state_dict, grad_norm_value, is_deepspeed, is_fsdp2,
@@ -37,7 +39,7 @@ from gpg_vl.prefix import compute_micro_batch_logprobs
 from gpg_vl.threads import configure_threads
 from gpg_vl.lora import adapter_state_dict, base_model, is_lora, load_adapter_state_dict, merged_state_dict
 from gpg_vl.modeling import check_model_source, describe_parameters, load_policy, resolve_model_path, torch_dtype
-from gpg_vl.recipes import add_arguments, config_from_args, config_to_yaml  # noqa: F401 (the `train` verb's CLI)
+from gpg_vl.recipes import add_arguments, config_from_args, config_to_yaml  # noqa: F401 (add_arguments: the `train` verb's CLI)
 from gpg_vl.registry import get_task
 from gpg_vl.rollout import SamplingParams, make_engine
 
@@ -247,10 +249,7 @@ def train(cfg: Config) -> dict:
     if resume_dir is not None:
         logger.write(f"resumed from {resume_dir} at step {start_step}")
     if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))  # the same YAML --print-config shows
     metrics: dict = {}
     step_times: list[float] = []
     model.train()
