@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         rows = read_metrics(run)
         held = [(r["step"], r[args.metric]) for r in rows if args.metric in r]
         left.plot([s for s, _ in held], [v for _, v in held], marker="o", label=label)
-        right.plot([r["step"] for r in rows], [r["reward_mean"] for r in rows], label=label, linewidth=0.8)
+        right.plot([r["step"] for r in rows if "reward_mean" in r], [r["reward_mean"] for r in rows if "reward_mean" in r], label=label, linewidth=0.8)
         print(f"{label}: " + ", ".join(f"{s}:{v:.3f}" for s, v in held))
     left.set(xlabel="step", ylabel=args.metric, title=f"held-out {args.metric}", ylim=(0, 1.05))
     right.set(xlabel="step", ylabel="reward_mean", title="training reward (format + accuracy)")

@@ -10,15 +10,18 @@ import os
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
-# name -> (arch, size preset, format warm-up on the shapes task?)
+# name -> (arch, size preset, the task whose answer format the model is warmed up on, or None)
 BUILTINS = {
-    "tiny": ("qwen2_vl", "tiny", False),
-    "tiny-warm": ("qwen2_vl", "tiny", True),
-    "tiny-qwen2_5_vl": ("qwen2_5_vl", "tiny", False),
-    "tiny-qwen3_vl": ("qwen3_vl", "tiny", False),
-    "small-20m": ("qwen2_vl", "small-20m", False),
-    "2b-shape": ("qwen2_vl", "2b-shape", False),
+    "tiny": ("qwen2_vl", "tiny", None),
+    "tiny-warm": ("qwen2_vl", "tiny", "shapes"),  # the quickstart's policy
+    "tiny-qwen2_5_vl": ("qwen2_5_vl", "tiny", None),
+    "tiny-qwen3_vl": ("qwen3_vl", "tiny", None),
+    "small-20m": ("qwen2_vl", "small-20m", None),
+    "2b-shape": ("qwen2_vl", "2b-shape", None),
+    # one per offline twin (benchmarks/twins/): the answer forms of cvbench, geometry, lisa, classification
+    **{f"tiny-warm-{task}": ("qwen2_vl", "tiny", task) for task in ("cvbench", "geometry", "lisa", "classification")},
 }
+WARM_TOKENS = {"lisa": 48}  # sampled-parse probe length where the answer is long (a box)
 KIT_VERSION = "3"  # bump when the kit or the warm-up data changes, so stale caches are rebuilt (3: new shapes palette)
 
 
@@ -44,7 +47,7 @@ def resolve_model_path(name_or_path: str) -> str:
         if warm:
             from gpg_vl.warmup import make_format_warm
 
-            make_format_warm(folder, base=resolve_model_path(BUILTIN_PREFIX + "tiny"))
+            make_format_warm(folder, base=resolve_model_path(BUILTIN_PREFIX + "tiny"), task=warm, max_new_tokens=WARM_TOKENS.get(warm, 24))
         else:
             from gpg_vl.tiny import make_tiny
 

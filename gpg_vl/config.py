@@ -317,6 +317,8 @@ class EvalConfig:
     """Evaluate on the held-out split every N steps (0: only at the end when `at_end`)."""
     at_end: bool = True
     """Evaluate once after the last step."""
+    at_start: bool = False
+    """Evaluate once before the first step too (logged as step 0): the starting point of the curve."""
     batch_size: int = option(32, ge=1)
     """Prompts per generation batch during evaluation."""
     max_new_tokens: int | None = option(None, ge=1)

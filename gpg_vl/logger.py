@@ -63,7 +63,7 @@ class RunLogger:
                     self.tb.add_scalar(k, v, step)
             if self.wandb:
                 self.wandb.log(numbers, step=step)
-        if self.bar:
+        if self.bar and step > 0:  # step 0 is the evaluation before training (eval.at_start)
             self.bar.update(1)
             keys = ("loss", "reward_mean", "valid_fraction", "eval/accuracy")
             self.bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in keys if isinstance(metrics.get(k), (int, float))})

@@ -144,6 +144,11 @@ class Task:
             return None
         return reward.components["accuracy"] >= 1.0
 
+    def reference_answer(self, example: dict) -> str | None:
+        """The ground truth as the model should write it inside <answer></answer> (format warm-ups teach the
+        task's answer form from other examples' references); None when the task does not say."""
+        return None
+
     def example_id(self, example: dict, index: int) -> str:
         """A stable id for records and resumable evaluation."""
         for key in ("id", "idx", "image_id"):

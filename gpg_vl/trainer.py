@@ -177,7 +177,7 @@ def train(cfg: Config) -> dict:
     if cfg.train.train_limit:
         train_examples = train_examples[: cfg.train.train_limit]
     eval_examples = None
-    if cfg.eval.every or cfg.eval.at_end:
+    if cfg.eval.every or cfg.eval.at_end or cfg.eval.at_start:
         eval_examples = task.load(cfg.task.eval_data, cfg.task.eval_split)[: cfg.task.eval_limit]
 
     # Policy (weights in model.dtype; fp32 masters under autocast for `auto`), optimizer, schedule
@@ -253,6 +253,9 @@ def train(cfg: Config) -> dict:
     metrics: dict = {}
     step_times: list[float] = []
     model.train()
+
+    if eval_examples is not None and cfg.eval.at_start and start_step == 0:
+        logger.log(0, {f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
 
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.time()

@@ -1,8 +1,10 @@
-"""Format warm-up for the built-in tiny model: teach `<think>..</think><answer>(X)</answer>`, not the answers.
+"""Format warm-up for the built-in tiny models: teach `<think>..</think><answer>..</answer>`, not the answers.
 
 A randomly initialised policy never emits the answer format, so every group's rewards are equal and GPG
-has no gradient. This short supervised stage trains on the shapes prompts with a RANDOM letter as the
-answer, so the policy learns the format while staying at chance accuracy. It stops when SAMPLED (T=1)
+has no gradient. This short supervised stage trains on a task's prompts with a RANDOM answer of the task's
+own form: for `shapes` (the quickstart's `builtin:tiny-warm`) a random letter; for any other task the
+reference answer of another, randomly drawn example (`Task.reference_answer`). The policy learns the
+format and the answer vocabulary while staying at chance accuracy. It stops when SAMPLED (T=1)
 completions parse, not greedy ones: greedy parses long before samples do, and RL samples.
 """
 
@@ -20,10 +22,12 @@ from gpg_vl.processor import load_processor
 from gpg_vl.rollout.base import SamplingParams
 from gpg_vl.rollout.hf import HFEngine
 
+FILLERS = ("look", "see", "the shape")
 
 
-def _targets(rng: random.Random, n: int) -> list[str]:
-    return [f"<think>{rng.choice(['look', 'see', 'the shape'])}</think><answer>({rng.choice('ABCD')})</answer>" for _ in range(n)]
+def _targets(rng: random.Random, n: int, answer) -> list[str]:
+    """n warm-up targets; `answer(rng)` draws the (random, so uninformative) answer of each."""
+    return [f"<think>{rng.choice(FILLERS)}</think><answer>{answer(rng)}</answer>" for _ in range(n)]
 
 
 def make_format_warm(
@@ -35,8 +39,14 @@ def make_format_warm(
     lr: float = 2e-3,
     target_parse_rate: float = 0.95,
     check_every: int = 25,
+    task: str = "shapes",
+    task_options: dict | None = None,
+    max_new_tokens: int = 24,
 ) -> Path:
-    """Warm `base` up on the format and save it to `out_dir` (atomically). Prints progress."""
+    """Warm `base` up on `task`'s answer format and save it to `out_dir` (atomically). Prints progress.
+
+    `shapes` asks both of its questions and answers a random letter; another task answers with the
+    `reference_answer` of a random example of its `synthetic:512` data (a ValueError if it has none)."""
     from transformers import AutoModelForImageTextToText
 
     from gpg_vl.checkpoint import atomic_dir
@@ -47,25 +57,39 @@ def make_format_warm(
     rng = random.Random(seed)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     processor = load_processor(base, *TINY_PIXELS)
-    task = get_task("shapes", questions=["color", "shape"])
-    examples = task.load("synthetic:512", split="warmup")
+    if task == "shapes":
+        task_obj = get_task("shapes", **(task_options or {"questions": ["color", "shape"]}))
+        examples = task_obj.load("synthetic:512", split="warmup")
+
+        def answer(r: random.Random) -> str:
+            return f"({r.choice('ABCD')})"
+    else:
+        task_obj = get_task(task, **(task_options or {}))
+        examples = task_obj.load("synthetic:512", split="warmup")
+        task_obj.configure_images(*TINY_PIXELS)
+        references = [task_obj.reference_answer(e) for e in examples]
+        if any(r is None for r in references):
+            raise ValueError(f"task {task!r} has no reference_answer, so it cannot be format-warmed")
+
+        def answer(r: random.Random) -> str:
+            return r.choice(references)
     engine = HFEngine(model, processor, batch_size=64)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     eos = processor.tokenizer.eos_token
     start, rate = time.time(), 0.0
-    print(f"[warm-up] teaching the answer format to {base} (stops at {target_parse_rate:.0%} sampled parse rate)")
+    print(f"[warm-up] teaching the {task} answer format to {base} (stops at {target_parse_rate:.0%} sampled parse rate)")
     for step in range(1, max_steps + 1):
         batch = rng.sample(examples, batch_size)
-        prompts = [processor.resize(task.messages(e)) for e in batch]
-        enc = processor.tokenizer([t + eos for t in _targets(rng, batch_size)], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        prompts = [processor.resize(task_obj.messages(e)) for e in batch]
+        enc = processor.tokenizer([t + eos for t in _targets(rng, batch_size, answer)], return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
         logprobs = compute_token_logprobs(model, processor(prompts), enc["input_ids"], enc["attention_mask"].float(), suppressed_ids=processor.suppressed_token_ids)
         loss = -logprobs.sum() / enc["attention_mask"].sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % check_every == 0:
-            probe = [task.messages(e) for e in rng.sample(examples, 32)]
-            texts = engine.generate(probe, SamplingParams(n=1, temperature=1.0, max_new_tokens=24)).texts
+            probe = [task_obj.messages(e) for e in rng.sample(examples, 32)]
+            texts = engine.generate(probe, SamplingParams(n=1, temperature=1.0, max_new_tokens=max_new_tokens)).texts
             rate = sum(map(format_ok, texts)) / len(texts)
             print(f"[warm-up] step {step}: loss {loss.item():.3f}, sampled parse rate {rate:.2f}")
             if rate >= target_parse_rate:

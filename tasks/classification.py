@@ -164,6 +164,9 @@ class ClassificationTask(Task):
             "format": sum(s["format"] for s in scores) / n,
         }
 
+    def reference_answer(self, example: dict) -> str | None:
+        return example["label"]
+
     def record_fields(self, example: dict) -> dict[str, Any]:
         return {k: example[k] for k in ("id", "label", "dataset") if k in example}
 

@@ -159,6 +159,9 @@ class CVBenchTask(Task):
         out["format"] = _mean([s["format"] for s in scores])
         return out
 
+    def reference_answer(self, example: dict) -> str | None:
+        return example["answer"]
+
     def record_fields(self, example: dict) -> dict[str, Any]:
         keys = ("id", "task", "type", "source", "question", "choices", "answer")
         return {k: example[k] for k in keys if k in example}

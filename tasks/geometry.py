@@ -102,6 +102,9 @@ class GeometryTask(Task):
         strict = grade_strict_many(answers, truths, self.verify_timeout_s, budget)
         return {"r1v": sum(r1v) / len(examples), "strict": sum(strict) / len(examples)}
 
+    def reference_answer(self, example: dict) -> str | None:
+        return example["ground_truth"]
+
     def record_fields(self, example: dict) -> dict[str, Any]:
         fields = {k: example[k] for k in ("id", "question", "ground_truth", "kind") if k in example}
         if isinstance(example.get("image"), str):

@@ -180,6 +180,10 @@ class LisaTask(_BoxTask):
     def box_in_frame(self, raw: Box, example: dict) -> Box | None:
         return clip_box(raw, LISA_SCALE, LISA_SCALE)
 
+    def reference_answer(self, example: dict) -> str | None:
+        x1, y1, x2, y2 = (round(v) for v in example["box"])
+        return f"({x1},{y1}),({x2},{y2})"
+
     def examples_from_row(self, row: dict, index: int, base_dir: str | None, split: str, where: str) -> list[dict]:
         """Visual-RFT's box file row, or a row of its SFT conversation file (see `_lisa_from_conversation`)."""
         if "conversations" in row:
@@ -240,6 +244,12 @@ class RefCOCOTask(_BoxTask):
         width, height = self.original_size(example)
         seen_h, seen_w = smart_resize(height, width, self.min_pixels, self.max_pixels)
         return clip_box(rescale_box(raw, (seen_w, seen_h), (width, height)), width, height)
+
+    def reference_answer(self, example: dict) -> str | None:
+        width, height = self.original_size(example)
+        seen_h, seen_w = smart_resize(height, width, self.min_pixels, self.max_pixels)
+        x1, y1, x2, y2 = (round(v) for v in rescale_box(tuple(example["box"]), (width, height), (seen_w, seen_h)))
+        return f"[{x1}, {y1}, {x2}, {y2}]"
 
     def original_size(self, example: dict) -> tuple[int, int]:
         """(width, height) of the example's image as stored."""

@@ -99,3 +99,6 @@ class ShapesTask(Task):
             picked = [h for h, e in zip(hits, examples) if e["category"] == kind]
             out[f"accuracy/{kind}"] = sum(picked) / len(picked)
         return out
+
+    def reference_answer(self, example: dict) -> str | None:
+        return example["answer"]

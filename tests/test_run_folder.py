@@ -355,3 +355,16 @@ def test_checkpoint_is_saved_before_eval_and_a_crash_in_eval_loses_no_step(tiny_
     assert log[3]["eval/accuracy"] == straight[3]["eval/accuracy"]  # the line with eval metrics is kept
     a, b = weights(tmp_path / "straight/checkpoint-4"), weights(split / "checkpoint-4")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_at_start_logs_the_untrained_policy_as_step_0_and_not_again_on_resume(tiny_model_dir, tmp_path):
+    extra = ("train.max_steps=2", "checkpoint.save_every=1", "eval.at_start=true", "eval.at_end=false",
+             "task.eval_data=synthetic:4", "eval.batch_size=4")
+    out = tmp_path / "run"
+    assert main(args_for(tiny_model_dir, out, *extra)) == 0
+    log = rows(out)
+    assert [r["step"] for r in log] == [0, 1, 2]
+    assert set(log[0]) == {"step", "eval/accuracy", "eval/format", "eval/accuracy/color"}  # eval only, before any step
+    assert all(not k.startswith("eval/") for r in log[1:] for k in r)
+    assert main(args_for(tiny_model_dir, out, *extra, "train.max_steps=3") + ["--resume"]) == 0
+    assert [r["step"] for r in rows(out)] == [0, 1, 2, 3]  # a resumed run does not evaluate its start again
