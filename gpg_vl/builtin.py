@@ -7,21 +7,35 @@ the other back: `modeling.load_policy` asks here for a folder and never builds a
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
-# name -> (arch, size preset, the task whose answer format the model is warmed up on, or None)
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """A format warm-up (gpg_vl/warmup.py) on `task` with `options`, probing `max_new_tokens`-token samples."""
+
+    task: str
+    options: dict = field(default_factory=dict)
+    max_new_tokens: int = 24
+
+
+# name -> (arch, size preset, the format warm-up on top, or None)
 BUILTINS = {
     "tiny": ("qwen2_vl", "tiny", None),
-    "tiny-warm": ("qwen2_vl", "tiny", "shapes"),  # the quickstart's policy
+    "tiny-warm": ("qwen2_vl", "tiny", WarmUp("shapes")),  # the quickstart's policy
     "tiny-qwen2_5_vl": ("qwen2_5_vl", "tiny", None),
     "tiny-qwen3_vl": ("qwen3_vl", "tiny", None),
     "small-20m": ("qwen2_vl", "small-20m", None),
     "2b-shape": ("qwen2_vl", "2b-shape", None),
-    # one per offline twin (benchmarks/twins/): the answer forms of cvbench, geometry, lisa, classification
-    **{f"tiny-warm-{task}": ("qwen2_vl", "tiny", task) for task in ("cvbench", "geometry", "lisa", "classification")},
+    # one per offline twin (benchmarks/twins/*.yaml), on the answer form and data of that twin
+    "tiny-warm-cvbench": ("qwen2_vl", "tiny", WarmUp("cvbench")),
+    "tiny-warm-geometry": ("qwen2_vl", "tiny", WarmUp("geometry", {"synthetic_easy": True})),
+    "tiny-warm-lisa": ("qwen2_vl", "tiny", WarmUp("lisa", max_new_tokens=48)),
+    "tiny-warm-classification": ("qwen2_vl", "tiny", WarmUp("classification")),
 }
-WARM_TOKENS = {"lisa": 48}  # sampled-parse probe length where the answer is long (a box)
 KIT_VERSION = "3"  # bump when the kit or the warm-up data changes, so stale caches are rebuilt (3: new shapes palette)
 
 
@@ -47,7 +61,8 @@ def resolve_model_path(name_or_path: str) -> str:
         if warm:
             from gpg_vl.warmup import make_format_warm
 
-            make_format_warm(folder, base=resolve_model_path(BUILTIN_PREFIX + "tiny"), task=warm, max_new_tokens=WARM_TOKENS.get(warm, 24))
+            base = resolve_model_path(BUILTIN_PREFIX + "tiny")
+            make_format_warm(folder, base=base, task=warm.task, task_options=warm.options or None, max_new_tokens=warm.max_new_tokens)
         else:
             from gpg_vl.tiny import make_tiny
 

@@ -18,7 +18,7 @@ from typing import Any
 from gpg_vl.data import DataError, read_records, resolve_image_ref, synthetic_spec, to_pil
 from gpg_vl.parsing import LETTERS, THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
 from gpg_vl.task import RewardOutput, Task
-from gpg_vl_tasks.cvbench_synthetic import make_rows, render_prompt
+from gpg_vl_tasks.cvbench_synthetic import TASKS, make_rows, render_prompt
 
 CVBENCH_TASKS = ("Count", "Relation", "Depth", "Distance")
 
@@ -35,15 +35,21 @@ class CVBenchTask(Task):
         multi_image: bool = False,
         shuffle_seed: int = 0,
         synthetic_image_size: int = 112,
+        synthetic_tasks: Sequence[str] = TASKS,
+        synthetic_easy: bool = False,
         **options: Any,
     ) -> None:
         """prompt_style: instruct | base. multi_image: keep SAT rows with two images (dropped by default, as
         VisualThinker-R1-Zero does). shuffle_seed: seed of the SAT choice order. synthetic_image_size: side
-        in pixels of the offline twin's images."""
+        in pixels of the offline twin's images. synthetic_tasks: the CV-Bench tasks the twin draws (default
+        all four). synthetic_easy: the twin's Count drawn as 1-4 large shapes, no distractors, choices 1-4 in
+        order (what the tiny model learns in minutes: benchmarks/twins/cvbench.yaml)."""
         super().__init__(prompt_style=prompt_style, **options)
         self.multi_image = bool(multi_image)
         self.shuffle_seed = int(shuffle_seed)
         self.synthetic_image_size = int(synthetic_image_size)
+        self.synthetic_tasks, self.synthetic_easy = tuple(synthetic_tasks), bool(synthetic_easy)
+        make_rows(0, 0, tasks=self.synthetic_tasks)  # an unknown task name fails here, not at load
 
     # ---- data ------------------------------------------------------------------------------------
     def load(self, path: str | None = None, split: str = "train") -> list[dict]:
@@ -52,7 +58,7 @@ class CVBenchTask(Task):
         spec = synthetic_spec(path, split)
         if spec is not None:
             size, seed = spec
-            rows = make_rows(size, seed, self.synthetic_image_size)
+            rows = make_rows(size, seed, self.synthetic_image_size, self.synthetic_tasks, self.synthetic_easy)
             where = f"synthetic split {split!r} row"
             return [self._from_cvbench(row, i, f"{where} {i}", None) for i, row in enumerate(rows)]
         local = Path(path).expanduser()

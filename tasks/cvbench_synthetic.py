@@ -53,10 +53,19 @@ def _mc(rng: random.Random, question: str, choices: list[str], correct: str) -> 
     }
 
 
-def _count(rng: random.Random, draw: ImageDraw.ImageDraw, size: int) -> dict:
+def _count(rng: random.Random, draw: ImageDraw.ImageDraw, size: int, easy: bool = False) -> dict:
     # One shape per cell of a 4x4 grid keeps shapes apart, so connected components equal the count.
+    # easy: 1-4 large shapes, no distractors, the choices 1-4 in order (a twin the tiny model can learn).
     cell = size / 4
     (colour, shape), (d_colour, d_shape) = _objects(rng, 2)
+    if easy:
+        n = rng.randint(1, 4)
+        cells = rng.sample(range(16), n)
+        r = cell * 0.45
+        for c in cells:
+            draw_shape(draw, shape, (c % 4 + 0.5) * cell, (c // 4 + 0.5) * cell, r, colour)
+        question, choices = f"How many {colour} {shape}s are in the image?", ["1", "2", "3", "4"]
+        return {"question": question, "choices": choices, "answer": f"({LETTERS[n - 1]})", "prompt": render_prompt(question, choices)}
     n = rng.randint(1, 6)
     n_distract = rng.randint(0, 3)
     cells = rng.sample(range(16), n + n_distract)
@@ -134,12 +143,13 @@ def _distance(rng: random.Random, draw: ImageDraw.ImageDraw, size: int) -> dict:
 _MAKERS = {"Count": _count, "Relation": _relation, "Depth": _depth, "Distance": _distance}
 
 
-def _make_row(index: int, seed: int, image_size: int = 112) -> dict:
-    """Row `index` of the twin, in CV-Bench's schema; the four tasks take turns so every split is balanced."""
+def _make_row(index: int, seed: int, image_size: int = 112, tasks: tuple[str, ...] = TASKS, easy: bool = False) -> dict:
+    """Row `index` of the twin, in CV-Bench's schema; the tasks take turns so every split is balanced."""
     rng = random.Random(f"cvbench-synthetic:{seed}:{index}")
-    task = TASKS[index % len(TASKS)]
+    task = tasks[index % len(tasks)]
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
-    fields = _MAKERS[task](rng, ImageDraw.Draw(image), image_size)
+    maker = _MAKERS[task]
+    fields = maker(rng, ImageDraw.Draw(image), image_size, easy=True) if easy and task == "Count" else maker(rng, ImageDraw.Draw(image), image_size)
     return {
         "idx": index,
         "type": "2D" if task in ("Count", "Relation") else "3D",
@@ -150,6 +160,10 @@ def _make_row(index: int, seed: int, image_size: int = 112) -> dict:
     }
 
 
-def make_rows(size: int, seed: int, image_size: int = 112) -> list[dict]:
-    """The first `size` rows of the twin for `seed`."""
-    return [_make_row(i, seed, image_size) for i in range(size)]
+def make_rows(size: int, seed: int, image_size: int = 112, tasks=TASKS, easy: bool = False) -> list[dict]:
+    """The first `size` rows of the twin for `seed`: the given CV-Bench tasks in turn; `easy` draws Count as
+    1-4 large shapes with no distractors and the choices 1-4 in order."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"cvbench synthetic tasks must be a non-empty subset of {list(TASKS)}, got {list(tasks)}")
+    return [_make_row(i, seed, image_size, tuple(tasks), easy) for i in range(size)]

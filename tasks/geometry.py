@@ -48,6 +48,7 @@ class GeometryTask(Task):
         image_root: str | None = None,
         verify_timeout_s: float = 5.0,
         grading_budget_s: float | None = None,
+        synthetic_easy: bool = False,
         **options,
     ):
         """verify_timeout_s: deadline of one math-verify call. grading_budget_s: the most one `metrics` call
@@ -59,13 +60,14 @@ class GeometryTask(Task):
         if grading_budget_s is not None and not grading_budget_s > 0:
             raise ValueError(f"geometry: grading_budget_s must be positive, got {grading_budget_s!r}")
         self.image_root, self.verify_timeout_s = image_root, float(verify_timeout_s)
+        self.synthetic_easy = bool(synthetic_easy)
         self.grading_budget_s = None if grading_budget_s is None else float(grading_budget_s)
 
     def load(self, path: str | None = None, split: str = "train") -> list[dict]:
         path = self.data_path(path, split)
         spec = synthetic_spec(path, split)
         if spec is not None:
-            return make_synthetic(*spec)
+            return make_synthetic(*spec, easy=self.synthetic_easy)
         rows = read_records(path, split)
         base_dir = self.image_root or data_folder(path)
         return [_example_from_row(row, i, base_dir, f"{path}: row {i}") for i, row in enumerate(rows)]

@@ -16,13 +16,14 @@ from gpg_vl_tasks._synthetic import png_bytes
 _TRIPLES = ((3, 4, 5), (5, 12, 13), (8, 15, 17), (7, 24, 25), (6, 8, 10), (9, 12, 15))
 
 
-def make_synthetic(size: int, seed: int) -> list[dict]:
-    """`size` drawn triangle problems in GEOQA's style; example i depends only on (seed, i)."""
-    return [_synthetic_example(random.Random(seed * 1_000_003 + i), i) for i in range(size)]
+def make_synthetic(size: int, seed: int, easy: bool = False) -> list[dict]:
+    """`size` drawn triangle problems in GEOQA's style; example i depends only on (seed, i). `easy`: only the
+    hypotenuse of the six base Pythagorean triples (six answers, read off the question's two sides)."""
+    return [_synthetic_example(random.Random(seed * 1_000_003 + i), i, easy) for i in range(size)]
 
 
-def _synthetic_example(rng: random.Random, index: int) -> dict:
-    kind = rng.choice(("third_angle", "isosceles", "hypotenuse"))
+def _synthetic_example(rng: random.Random, index: int, easy: bool = False) -> dict:
+    kind = "hypotenuse" if easy else rng.choice(("third_angle", "isosceles", "hypotenuse"))
     if kind == "third_angle":
         a, b = rng.randint(25, 95), rng.randint(25, 95)
         while a + b > 155:
@@ -35,7 +36,7 @@ def _synthetic_example(rng: random.Random, index: int) -> dict:
         base = (180 - apex) // 2
         answer, points, labels = f"{base}°", _triangle(base, base, apex_name="A"), {"A": f"{apex}°"}
     else:
-        k = rng.randint(1, 3)
+        k = 1 if easy else rng.randint(1, 3)
         ac, bc, ab = (k * n for n in rng.choice(_TRIPLES))
         question = f"in triangle ABC, angle C = 90.0, AC = {ac}.0, BC = {bc}.0, then the length of AB is ()"
         points = {"C": (0.0, 0.0), "A": (0.0, float(ac)), "B": (float(bc), 0.0)}

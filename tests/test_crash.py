@@ -39,7 +39,7 @@ def train_args(model_dir, out) -> list[str]:
         "task.train_data=synthetic:32", "task.options={image_size: 56}", "rollout.group_size=4",
         "rollout.max_new_tokens=6", "train.prompts_per_step=2", "algorithm.max_resample_attempts=0",
         "optim.lr=1e-2", "optim.micro_batch_size=8", f"train.max_steps={STEPS}", f"train.output_dir={out}",
-        "checkpoint.save_every=1", "checkpoint.keep_last=2", "eval.every=0", "eval.at_end=false",
+        "checkpoint.save_every=1", "checkpoint.keep_last=2", "eval.every=0", "eval.at_end=false", "eval.at_start=false",
         "logging.tensorboard=false", "logging.progress_bar=false", "logging.sample_every=1", "logging.num_samples=1",
     ]
 

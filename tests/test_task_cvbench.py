@@ -382,3 +382,18 @@ def test_synthetic_is_deterministic_and_splits_differ():
     assert len(task.load("synthetic", split="test")) == 1000
     metrics = task.metrics(test, [answer(e["answer"]) for e in test])
     assert metrics["Total"] == metrics["lmms_eval_overall"] == 1.0
+
+
+def test_easy_count_twin_is_true_of_the_pixels_with_choices_1_to_4_in_order():
+    task = CVBenchTask(synthetic_tasks=["Count"], synthetic_easy=True)
+    examples = task.load("synthetic:40", split="train")
+    assert {e["task"] for e in examples} == {"Count"}
+    assert {right_text(e) for e in examples} == {"1", "2", "3", "4"}  # every count occurs
+    for example in examples:
+        assert example["choices"] == ["1", "2", "3", "4"] and example["prompt"].endswith("(D) 4")
+        colour = re.match(r"How many (\w+) ", example["question"]).group(1)
+        image = example["images"][0]
+        assert components(mask(image, colour)) == int(right_text(example))
+        assert set(map(tuple, np.asarray(image).reshape(-1, 3))) <= {BACKGROUND, COLOURS[colour]}  # no distractors
+    with pytest.raises(ValueError, match="subset of"):
+        CVBenchTask(synthetic_tasks=["Counting"])

@@ -340,3 +340,16 @@ def test_synthetic_twin_is_deterministic_and_its_answers_verify():
         assert float(normalize_answer(example["ground_truth"])) == expected
         assert task.score(_answer(f"{expected:g}"), example).total == 2.0
         assert Image.open(io.BytesIO(example["image"])).size == (224, 224)
+
+
+def test_easy_twin_asks_only_the_six_base_hypotenuses():
+    from gpg_vl.registry import get_task
+
+    examples = get_task("geometry", synthetic_easy=True).load("synthetic:60", split="train")
+    answers = set()
+    for example in examples:
+        assert example["kind"] == "hypotenuse"
+        ac, bc = (float(v) for v in re.search(r"AC = ([\d.]+), BC = ([\d.]+)", example["question"]).groups())
+        assert example["ground_truth"] == f"{round((ac**2 + bc**2) ** 0.5)}cm"
+        answers.add(example["ground_truth"])
+    assert answers == {"5cm", "13cm", "17cm", "25cm", "10cm", "15cm"}
