@@ -41,7 +41,7 @@ TASKS = {
     "cvbench": TwinTask("benchmarks/twins/cvbench.yaml", "Total", "reward/accuracy", 0.25),
     "geometry": TwinTask("benchmarks/twins/geometry.yaml", "strict", "reward/accuracy", 0.0),
     "lisa": TwinTask("benchmarks/twins/lisa.yaml", "mIoU", "reward/iou", 0.0),
-    "classification": TwinTask("benchmarks/twins/classification.yaml", "accuracy", "reward/accuracy", 1 / 12),
+    "classification": TwinTask("benchmarks/twins/classification.yaml", "accuracy", "reward/accuracy", 0.25),
 }
 
 ALGORITHMS = {

@@ -31,10 +31,10 @@ BUILTINS = {
     "small-20m": ("qwen2_vl", "small-20m", None),
     "2b-shape": ("qwen2_vl", "2b-shape", None),
     # one per offline twin (benchmarks/twins/*.yaml), on the answer form and data of that twin
-    "tiny-warm-cvbench": ("qwen2_vl", "tiny", WarmUp("cvbench")),
+    "tiny-warm-cvbench": ("qwen2_vl", "tiny", WarmUp("cvbench", {"synthetic_tasks": ["Count"], "synthetic_easy": True})),
     "tiny-warm-geometry": ("qwen2_vl", "tiny", WarmUp("geometry", {"synthetic_easy": True})),
     "tiny-warm-lisa": ("qwen2_vl", "tiny", WarmUp("lisa", max_new_tokens=48)),
-    "tiny-warm-classification": ("qwen2_vl", "tiny", WarmUp("classification")),
+    "tiny-warm-classification": ("qwen2_vl", "tiny", WarmUp("classification", {"synthetic_easy": True})),
 }
 KIT_VERSION = "3"  # bump when the kit or the warm-up data changes, so stale caches are rebuilt (3: new shapes palette)
 

@@ -61,12 +61,14 @@ class ClassificationTask(Task):
         prompt_style: str = "instruct",
         use_row_problem: bool = False,
         synthetic_image_size: int = 112,
+        synthetic_easy: bool = False,
         **options: Any,
     ) -> None:
         """dataset: flowers | pets | aircraft | cars (training hub id and question). match: exact | contains.
         prompt_style: instruct | base. use_row_problem: show a row's own `problem` text verbatim, as
         Visual-RFT's training script does, instead of the dataset question + instruction.
-        synthetic_image_size: side in pixels of the offline twin's images."""
+        synthetic_image_size: side in pixels of the offline twin's images. synthetic_easy: the twin draws four
+        classes of one colour each instead of twelve (benchmarks/twins/classification.yaml)."""
         super().__init__(prompt_style=prompt_style, **options)
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
@@ -75,6 +77,7 @@ class ClassificationTask(Task):
         self.dataset, self.match = dataset, match
         self.use_row_problem = bool(use_row_problem)
         self.synthetic_image_size = int(synthetic_image_size)
+        self.synthetic_easy = bool(synthetic_easy)
         self.default_train_data, self.question = DATASETS[dataset]
 
     # ---- data ------------------------------------------------------------------------------------
@@ -92,7 +95,7 @@ class ClassificationTask(Task):
         path = self.data_path(path, split)
         spec = synthetic_spec(path, split)
         if spec is not None:
-            return make_synthetic_examples(*spec, image_size=self.synthetic_image_size, split=split)
+            return make_synthetic_examples(*spec, image_size=self.synthetic_image_size, split=split, easy=self.synthetic_easy)
         local = Path(path).expanduser()
         if local.is_dir() and (local / "classnames.txt").is_file():
             return self._read_image_folder(local)

@@ -17,14 +17,17 @@ QUESTION = "This is an image containing a shape. Please identify the colour and 
 CLASS_COLOURS = ("red", "green", "blue", "yellow")
 CLASS_SHAPES = ("circle", "square", "triangle")
 CLASSES = [f"{c} {s}" for c in CLASS_COLOURS for s in CLASS_SHAPES]
+# easy: four classes, one colour each, so the colour alone names the class (what the tiny model learns in minutes)
+EASY_CLASSES = ["red circle", "green square", "blue triangle", "yellow square"]
 
 
-def make_synthetic_examples(size: int, seed: int, image_size: int = 112, split: str = "synthetic") -> list[dict]:
+def make_synthetic_examples(size: int, seed: int, image_size: int = 112, split: str = "synthetic", easy: bool = False) -> list[dict]:
     """`size` images of one drawn object each, in the task's example form; the classes take turns."""
+    classes = EASY_CLASSES if easy else CLASSES
     examples = []
     for i in range(size):
         rng = random.Random(f"classification-synthetic:{seed}:{i}")
-        label = CLASSES[i % len(CLASSES)]
+        label = classes[i % len(classes)]
         examples.append(
             {"id": f"synthetic-{split}-{i}", "image": _draw(rng, label, image_size), "label": label,
              "question": QUESTION, "problem": None, "dataset": "synthetic"}

@@ -242,10 +242,15 @@ def test_no_default_eval_data():
 # ---- the synthetic twin ---------------------------------------------------------------------------------
 
 
-def test_synthetic_labels_are_true_of_the_pixels():
-    task = ClassificationTask()
+@pytest.mark.parametrize("easy", [False, True])
+def test_synthetic_labels_are_true_of_the_pixels(easy):
+    task = ClassificationTask(synthetic_easy=easy)
     examples = task.load("synthetic:24", split="train")
-    assert sorted({e["label"] for e in examples}) == sorted(CLASSES) and len(CLASSES) == 12
+    if easy:  # four classes, one colour each: the colour alone names the class
+        labels = {e["label"] for e in examples}
+        assert len(labels) == 4 and len({label.split()[0] for label in labels}) == 4
+    else:
+        assert sorted({e["label"] for e in examples}) == sorted(CLASSES) and len(CLASSES) == 12
     for e in examples:
         colour, shape = e["label"].split()
         pixels = np.all(np.asarray(e["image"]) == COLOURS[colour], axis=-1)
