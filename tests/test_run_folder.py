@@ -368,3 +368,16 @@ def test_eval_at_start_logs_the_untrained_policy_as_step_0_and_not_again_on_resu
     assert all(not k.startswith("eval/") for r in log[1:] for k in r)
     assert main(args_for(tiny_model_dir, out, *extra, "train.max_steps=3") + ["--resume"]) == 0
     assert [r["step"] for r in rows(out)] == [0, 1, 2, 3]  # a resumed run does not evaluate its start again
+
+
+def test_held_out_evaluation_does_not_change_training(tiny_model_dir, tmp_path):
+    """Greedy evaluation draws no random numbers the rollouts use: a run evaluated every step trains exactly
+    like one never evaluated (so runs with different eval.every are comparable step for step)."""
+    extra = ("train.max_steps=3", "task.eval_data=synthetic:4", "eval.batch_size=4", "rollout.temperature=1.0")
+    assert main(args_for(tiny_model_dir, tmp_path / "quiet", *extra, "eval.every=0", "eval.at_end=false")) == 0
+    assert main(args_for(tiny_model_dir, tmp_path / "evaluated", *extra, "eval.every=1", "eval.at_start=true")) == 0
+    quiet, evaluated = rows(tmp_path / "quiet"), [r for r in rows(tmp_path / "evaluated") if r["step"] > 0]
+    assert [r["loss"] for r in quiet] == [r["loss"] for r in evaluated]
+    assert all("eval/accuracy" in r for r in evaluated)
+    a, b = weights(tmp_path / "quiet/checkpoint-3"), weights(tmp_path / "evaluated/checkpoint-3")
+    assert all(torch.equal(a[k], b[k]) for k in a)
