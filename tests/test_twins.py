@@ -110,7 +110,7 @@ def test_compare_reads_finished_runs_into_a_table_without_rerunning(tmp_path, mo
                                       "--algorithms", "gpg", "dr_grpo", "--out", str(tmp_path), "--target", "0.9"])
     assert compare.main() == 0
     table = (tmp_path / "results.md").read_text()
-    assert "| gpg | 0.0006 | 0.950 | 0.071 | 0.900 | 1.000 | 0.900, 1.000 | 0.50 | 2.00 | 1.00 | 0 | 0.10 | - | 2 of 2 |" in table
+    assert "| gpg | 0.0006 | 0.950 | 0.071 | 0.900 | 1.000 | 0.900, 1.000 | 0.500 | 0.50 | 2.00 | 1.00 | 0 | 0.10 | - | 2 of 2 |" in table
     assert "| dr_grpo | 0.0006 | 0.625 |" in table and "| 0 of 2 |" in table
     assert "Before training (step 0): 0.250." in table
     assert (tmp_path / "curves.png").stat().st_size > 0
