@@ -114,3 +114,14 @@ def test_compare_reads_finished_runs_into_a_table_without_rerunning(tmp_path, mo
     assert "| dr_grpo | 0.0006 | 0.625 |" in table and "| 0 of 2 |" in table
     assert "Before training (step 0): 0.250." in table
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_each_twin_is_warmed_up_on_its_own_task_and_options():
+    """A twin's warm model must have learned the answer form of the data it trains on (same task, same options)."""
+    compare = compare_module()
+    for name, twin in compare.TASKS.items():
+        cfg = load_config(ROOT / twin.config, [])
+        warm = BUILTINS[cfg.model.name_or_path.removeprefix("builtin:")][2]
+        assert warm is not None and warm.task == cfg.task.name, name
+        if name != "shapes":  # the quickstart's warm-up asks both shapes questions on purpose
+            assert warm.options == dict(cfg.task.options), (name, warm.options, cfg.task.options)
