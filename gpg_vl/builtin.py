@@ -33,7 +33,7 @@ BUILTINS = {
     # one per offline twin (benchmarks/twins/*.yaml), on the answer form and data of that twin
     "tiny-warm-cvbench": ("qwen2_vl", "tiny", WarmUp("cvbench", {"synthetic_tasks": ["Count"], "synthetic_easy": True})),
     "tiny-warm-geometry": ("qwen2_vl", "tiny", WarmUp("geometry", {"synthetic_easy": True})),
-    "tiny-warm-lisa": ("qwen2_vl", "tiny", WarmUp("lisa", max_new_tokens=48)),
+    "tiny-warm-lisa": ("qwen2_vl", "tiny", WarmUp("lisa", {"synthetic_easy": True}, max_new_tokens=48)),
     "tiny-warm-classification": ("qwen2_vl", "tiny", WarmUp("classification", {"synthetic_easy": True})),
 }
 KIT_VERSION = "3"  # bump when the kit or the warm-up data changes, so stale caches are rebuilt (3: new shapes palette)

@@ -42,7 +42,7 @@ class CVBenchTask(Task):
         """prompt_style: instruct | base. multi_image: keep SAT rows with two images (dropped by default, as
         VisualThinker-R1-Zero does). shuffle_seed: seed of the SAT choice order. synthetic_image_size: side
         in pixels of the offline twin's images. synthetic_tasks: the CV-Bench tasks the twin draws (default
-        all four). synthetic_easy: the twin's Count drawn as 1-4 large shapes filling the image's quarters in
+        all four). synthetic_easy: the twin's Count drawn as 1-4 squares filling the image's quarters in
         reading order, no distractors, choices 1-4 in order (what the tiny model learns in minutes: benchmarks/twins/cvbench.yaml)."""
         super().__init__(prompt_style=prompt_style, **options)
         self.multi_image = bool(multi_image)

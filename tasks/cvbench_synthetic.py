@@ -55,14 +55,14 @@ def _mc(rng: random.Random, question: str, choices: list[str], correct: str) -> 
 
 def _count(rng: random.Random, draw: ImageDraw.ImageDraw, size: int, easy: bool = False) -> dict:
     # One shape per cell of a 4x4 grid keeps shapes apart, so connected components equal the count.
-    # easy: 1-4 large shapes filling the quarters of the image in reading order, no distractors, the choices
-    # 1-4 in order (a twin the tiny model can learn in minutes).
+    # easy: 1-4 squares filling the quarters of the image in reading order (each covers its quarter's image
+    # tokens), no distractors, the choices 1-4 in order (a twin the tiny model can learn in minutes).
     cell = size / 4
     (colour, shape), (d_colour, d_shape) = _objects(rng, 2)
     if easy:
-        n = rng.randint(1, 4)
+        n, shape = rng.randint(1, 4), "square"
         for q in range(n):
-            draw_shape(draw, shape, (q % 2 + 0.5) * size / 2, (q // 2 + 0.5) * size / 2, size * 0.2, colour)
+            draw_shape(draw, shape, (q % 2 + 0.5) * size / 2, (q // 2 + 0.5) * size / 2, size * 0.23, colour)
         question, choices = f"How many {colour} {shape}s are in the image?", ["1", "2", "3", "4"]
         return {"question": question, "choices": choices, "answer": f"({LETTERS[n - 1]})", "prompt": render_prompt(question, choices)}
     n = rng.randint(1, 6)
@@ -161,7 +161,7 @@ def _make_row(index: int, seed: int, image_size: int = 112, tasks: tuple[str, ..
 
 def make_rows(size: int, seed: int, image_size: int = 112, tasks=TASKS, easy: bool = False) -> list[dict]:
     """The first `size` rows of the twin for `seed`: the given CV-Bench tasks in turn; `easy` draws Count as
-    1-4 large shapes with no distractors and the choices 1-4 in order."""
+    1-4 squares filling the quarters, with no distractors and the choices 1-4 in order."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"cvbench synthetic tasks must be a non-empty subset of {list(TASKS)}, got {list(tasks)}")

@@ -56,11 +56,21 @@ class _BoxTask(Task):
 
     box_scale: float | None = None  # the frame of example["box"]: a 0-N normalised scale, or None for pixels
 
-    def __init__(self, prompt_style: str = "instruct", reward: str = "iou", image_root: str | None = None, **options):
+    def __init__(
+        self,
+        prompt_style: str = "instruct",
+        reward: str = "iou",
+        image_root: str | None = None,
+        synthetic_easy: bool = False,
+        **options,
+    ):
+        """reward: iou | giou. image_root: where relative image paths live (default: the data file's folder).
+        synthetic_easy: the twin draws one large shape in one of the image's four quarters, no distractors
+        (what the tiny model learns in minutes: benchmarks/twins/lisa.yaml)."""
         super().__init__(prompt_style=prompt_style, **options)
         if reward not in REWARDS:
             raise ValueError(f"{self.name}: reward must be one of {REWARDS}, got {reward!r}")
-        self.reward, self.image_root = reward, image_root
+        self.reward, self.image_root, self.synthetic_easy = reward, image_root, bool(synthetic_easy)
 
     # ---- what each grounding task defines ---------------------------------------------------------
     def prompt_text(self, example: dict) -> str:
@@ -82,7 +92,7 @@ class _BoxTask(Task):
         """The offline twin: `size` drawn examples, the same for the same seed."""
         examples = []
         for i in range(size):
-            scene = draw_scene(random.Random(seed * 1_000_003 + i))
+            scene = draw_scene(random.Random(seed * 1_000_003 + i), easy=self.synthetic_easy)
             base = {"id": f"synthetic-{i}", "image": scene["image"], "width": scene["width"], "height": scene["height"]}
             examples.append({**base, **self.synthetic_fields(scene)})
         return examples

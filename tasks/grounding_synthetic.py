@@ -1,7 +1,10 @@
 """The offline twin of the grounding tasks: 2-4 flat shapes on a canvas, "find the red circle" and its box.
 
-Canvas sides are not multiples of 28, so RefCOCO's resize-and-map-back is exercised. Each scene depends on
-its random generator alone; `LisaTask`/`RefCOCOTask.synthetic` turn one into the task's own example form.
+The easy drawing (`synthetic_easy`) is one square in the top-left corner of a square canvas, its side a
+quarter or three quarters of the canvas: at the twins' 112x112 pixels, 1 or 9 whole image tokens. It
+varies the extent, not the place, of the target, and offers two boxes, not more, because the tiny model
+could not learn the harder drawings (docs/learning.md): it barely tells image positions apart, and with
+three nested sizes it settled on the middle one, the best guess without reading the image.
 """
 
 from __future__ import annotations
@@ -14,13 +17,17 @@ from gpg_vl_tasks._synthetic import BACKGROUND, draw_shape, png_bytes
 
 SCENE_COLOURS = ("red", "green", "blue", "yellow", "purple")
 SCENE_SHAPES = ("circle", "square", "triangle")
+EASY_SIDES = (0.25, 0.75)  # of the canvas side: boxes (0,0)-(250,250) and (0,0)-(750,750), IoU 1/9 to each other
 
 
-def draw_scene(rng: random.Random) -> dict:
+def draw_scene(rng: random.Random, easy: bool = False) -> dict:
     """2-4 shapes of distinct colour/shape pairs on an odd-sized canvas; the first one is the target.
+    `easy`: the target alone, a square in the top-left corner of a square canvas, its side one of EASY_SIDES.
 
     Returns PNG bytes, the size, the target's description ("the red circle") and its tight pixel box.
     """
+    if easy:
+        return _easy_scene(rng)
     width, height = rng.randint(200, 320), rng.randint(160, 280)
     kinds = rng.sample([(c, s) for c in SCENE_COLOURS for s in SCENE_SHAPES], rng.randint(2, 4))
     image = Image.new("RGB", (width, height), BACKGROUND)
@@ -34,6 +41,15 @@ def draw_scene(rng: random.Random) -> dict:
     colour, shape = kinds[0]
     box = tuple(round(v, 1) for v in boxes[0])
     return {"image": png_bytes(image), "width": width, "height": height, "description": f"the {colour} {shape}", "box": box}
+
+
+def _easy_scene(rng: random.Random) -> dict:
+    side = rng.randint(200, 320)
+    colour, extent = rng.choice(SCENE_COLOURS), rng.choice(EASY_SIDES) * side
+    image = Image.new("RGB", (side, side), BACKGROUND)
+    box = draw_shape(ImageDraw.Draw(image), "square", extent / 2, extent / 2, extent / 2, colour)
+    box = tuple(round(v, 1) for v in box)
+    return {"image": png_bytes(image), "width": side, "height": side, "description": f"the {colour} square", "box": box}
 
 
 def _free_spot(rng: random.Random, width: int, height: int, taken: list) -> tuple[int, int, int, int]:

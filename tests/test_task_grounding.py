@@ -320,3 +320,25 @@ def test_synthetic_twin_is_deterministic_and_its_boxes_verify(name):
         # A point inside every shape (a triangle's centroid lies at 2/3 of its height) has the named colour.
         assert image.getpixel((round((x1 + x2) / 2), round(y1 + (y2 - y1) * 2 / 3))) == COLOURS[color]
         assert task.score(f"<think>found it</think><answer>{answer}</answer>", example).components["iou"] > 0.9
+
+
+@pytest.mark.parametrize("name", ["lisa", "refcoco"])
+def test_easy_twin_is_one_corner_square_of_two_sizes_true_of_the_pixels(name):
+    """synthetic_easy: the target alone, in the top-left corner, one of two nested boxes; its pixels are the box."""
+    import numpy as np
+
+    task = get_task(name, synthetic_easy=True)
+    examples = task.load("synthetic:40", split="train")
+    thousandths = set()
+    for example in examples:
+        image = np.asarray(message_images(task.messages(example))[0])
+        text = example.get("instruction") or example["problem"]
+        colour = next(c for c in COLOURS if f"the {c} square" in text)
+        ys, xs = np.nonzero((image == COLOURS[colour]).all(axis=-1))
+        w, h = example["width"], example["height"]
+        assert w == h and (image == COLOURS[colour]).all(axis=-1).sum() + (image == (240, 240, 240)).all(axis=-1).sum() == w * h
+        box = example["box"] if name == "refcoco" else [v / 1000 * w for v in example["box"]]
+        assert abs(xs.min() - box[0]) <= 1 and abs(xs.max() + 1 - box[2]) <= 1.5 and abs(ys.min() - box[1]) <= 1
+        thousandths.add(tuple(round(v / w * 1000 / 12.5) * 12.5 for v in box))  # to the nearest 12.5
+        assert task.score(f"<think>x</think><answer>{task.reference_answer(example)}</answer>", example).components["iou"] > 0.9
+    assert thousandths == {(0, 0, 250, 250), (0, 0, 750, 750)}
