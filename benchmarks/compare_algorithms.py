@@ -7,11 +7,12 @@ seed (--sweep-seed) and keeps the one with the best final held-out metric; the t
 --seeds at those rates. Prints a Markdown table (mean, spread, per-seed finals, and why steps were lost:
 valid fraction, alpha, resampling rounds) and writes curves as one PNG.
 
-    .venv/bin/python benchmarks/compare_algorithms.py --task cvbench --sweep 3e-4 6e-4 1.2e-3 \\
+    .venv/bin/python benchmarks/compare_algorithms.py --task cvbench --sweep 6e-4 1.2e-3 \\
         --seeds 0 1 2 --jobs 2 --out runs/compare/cvbench
 
-Runs are resumable one by one (a finished run folder is read, not rerun); --jobs N runs N at a time with
-OMP_NUM_THREADS=1 each (on a 2-core machine, --jobs 2 is the fastest way through a table).
+Each run lasts the config's train.max_steps unless --steps says otherwise. Runs are resumable one by one
+(a finished run folder is read, not rerun); --jobs N runs N at a time with OMP_NUM_THREADS=1 each (on a
+2-core machine, --jobs 2 is the fastest way through a table).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", default="shapes", choices=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=None, help="default: the task config's train.max_steps")
     p.add_argument("--out", type=Path, default=None, help="default runs/compare/TASK")
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     p.add_argument("--sweep", type=float, nargs="+", default=None, help="learning-rate grid (default: no sweep, the config's lr)")
@@ -133,6 +134,10 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = p.parse_args()
     task = TASKS[args.task]
+    if args.steps is None:
+        from gpg_vl.config import load_config
+
+        args.steps = load_config(task.config, []).train.max_steps
     args.out = args.out or Path("runs/compare") / args.task
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep_seed in args.seeds:

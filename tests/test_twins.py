@@ -125,3 +125,20 @@ def test_each_twin_is_warmed_up_on_its_own_task_and_options():
         assert warm is not None and warm.task == cfg.task.name, name
         if name != "shapes":  # the quickstart's warm-up asks both shapes questions on purpose
             assert warm.options == dict(cfg.task.options), (name, warm.options, cfg.task.options)
+
+
+@pytest.mark.parametrize("name, steps", [("shapes", 500), ("lisa", 200)])
+def test_compare_runs_each_twin_for_its_configs_max_steps_by_default(name, steps, tmp_path, monkeypatch):
+    """Without --steps, a run lasts the twin config's train.max_steps, so one loop over the tasks runs each at its length."""
+    compare = compare_module()
+    seen = []
+
+    def fake_run_one(run, task, n_steps, out, extra, threads):
+        seen.append(n_steps)
+        raise SystemExit(0)  # stop before reading results: only the length is under test
+
+    monkeypatch.setattr(compare, "run_one", fake_run_one)
+    monkeypatch.setattr(sys, "argv", ["compare_algorithms.py", "--task", name, "--seeds", "0", "--algorithms", "gpg", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        compare.main()
+    assert seen == [steps]
