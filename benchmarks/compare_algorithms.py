@@ -4,8 +4,9 @@ Every run of a task uses the same config (TASKS below: the quickstart for `shape
 for the others): same model, prompts per step, group size and steps; only `algorithm.*`, the learning rate
 and the seed change. With --sweep, each algorithm first runs every learning rate of the grid on a separate
 seed (--sweep-seed) and keeps the one with the best final held-out metric; the table then comes from
---seeds at those rates. Prints a Markdown table (mean, spread, per-seed finals, and why steps were lost:
-valid fraction, alpha, resampling rounds) and writes curves as one PNG.
+--seeds at those rates (`--lr grpo=6e-4` fixes one algorithm's rate and skips its sweep). Prints a
+Markdown table (mean, spread, per-seed finals, and why steps were lost: valid fraction, alpha, resampling
+rounds) and writes curves as one PNG.
 
     .venv/bin/python benchmarks/compare_algorithms.py --task cvbench --sweep 6e-4 1.2e-3 \\
         --seeds 0 1 2 --jobs 2 --out runs/compare/cvbench
@@ -130,6 +131,7 @@ def main() -> int:
     p.add_argument("--sweep", type=float, nargs="+", default=None, help="learning-rate grid (default: no sweep, the config's lr)")
     p.add_argument("--sweep-seed", type=int, default=100, help="the seed the sweep runs on (not one of --seeds)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each with OMP_NUM_THREADS=1 when > 1")
+    p.add_argument("--lr", nargs="+", default=[], metavar="ALGO=RATE", help="fix an algorithm's rate: it skips the sweep")
     p.add_argument("--target", type=float, default=None, help="also count the seeds whose final metric reaches this")
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = p.parse_args()
@@ -143,17 +145,17 @@ def main() -> int:
     if args.sweep_seed in args.seeds:
         p.error(f"--sweep-seed {args.sweep_seed} is one of --seeds; the sweep must run on a separate seed")
 
-    lr_of: dict[str, float] = {}
+    lr_of = fixed_rates(p, args.lr, args.algorithms)
     sweep_lines: list[str] = []
     if args.sweep:
-        sweep = run_all([Run(a, args.sweep_seed, lr) for a in args.algorithms for lr in args.sweep], args, task)
-        for algo in args.algorithms:
+        swept = [a for a in args.algorithms if a not in lr_of]
+        sweep = run_all([Run(a, args.sweep_seed, lr) for a in swept for lr in args.sweep], args, task)
+        for algo in swept:
             scores = {lr: final(sweep[Run(algo, args.sweep_seed, lr)], task.metric) for lr in args.sweep}
             lr_of[algo] = max(args.sweep, key=lambda lr: (scores[lr], -lr))  # ties go to the smaller rate
             sweep_lines.append(f"| {algo} | " + " | ".join(f"{scores[lr]:.3f}" for lr in args.sweep) + f" | {lr_of[algo]:g} |")
     else:
-        default_lr = config_lr(task.config)
-        lr_of = {a: default_lr for a in args.algorithms}
+        lr_of = {a: lr_of.get(a, config_lr(task.config)) for a in args.algorithms}
 
     results = run_all([Run(a, s, lr_of[a]) for a in args.algorithms for s in args.seeds], args, task)
     by_algo = {a: [results[Run(a, s, lr_of[a])] for s in args.seeds] for a in args.algorithms}
@@ -189,12 +191,29 @@ def main() -> int:
             "|---|" + "---|" * (len(args.sweep) + 1),
             *sweep_lines,
         ]
+    fixed = [f"{a} {lr:g}" for a, lr in fixed_rates(argparse.ArgumentParser(), args.lr, args.algorithms).items()]
+    if fixed:
+        lines += ["", f"Rates fixed with --lr, not swept: {', '.join(fixed)}."]
     table = "\n".join(lines)
     print(table)
     (args.out / "results.md").write_text(table + "\n")
     plot(by_algo, task, args.task, args.out / "curves.png")
     print(f"wrote {args.out / 'results.md'} and {args.out / 'curves.png'}")
     return 0
+
+
+def fixed_rates(p: argparse.ArgumentParser, given: list[str], algorithms: list[str]) -> dict[str, float]:
+    """`--lr grpo=6e-4 ...` as {algorithm: rate}; a malformed item or an unknown algorithm is a usage error."""
+    rates = {}
+    for item in given:
+        algo, _, rate = item.partition("=")
+        try:
+            rates[algo] = float(rate)
+        except ValueError:
+            p.error(f"--lr {item!r}: expected ALGO=RATE, e.g. grpo=6e-4")
+        if algo not in algorithms:
+            p.error(f"--lr {item!r}: {algo!r} is not one of --algorithms {algorithms}")
+    return rates
 
 
 def config_lr(path: str) -> float:

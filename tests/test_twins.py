@@ -142,3 +142,30 @@ def test_compare_runs_each_twin_for_its_configs_max_steps_by_default(name, steps
     with pytest.raises(SystemExit):
         compare.main()
     assert seen == [steps]
+
+
+def test_compare_lr_fixes_a_rate_and_skips_that_algorithms_sweep(tmp_path, monkeypatch):
+    """--lr grpo=R: GRPO runs its seeds at R without sweep runs; the others still sweep; the table says so."""
+    compare = compare_module()
+    ran = []
+
+    def fake_run_one(run, task, steps, out, extra, threads):
+        ran.append(run)
+        folder = run.folder(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        value = 0.5 if run.lr == 1.2e-3 else 0.25
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 1, "eval/accuracy": value, "reward/accuracy": 0.5,
+                                                          "valid_fraction": 1.0, "step_time_s": 0.1}) + "\n")
+        return folder
+
+    monkeypatch.setattr(compare, "run_one", fake_run_one)
+    monkeypatch.setattr(compare, "plot", lambda *a, **k: None)
+    monkeypatch.setattr(sys, "argv", ["compare_algorithms.py", "--task", "shapes", "--seeds", "0", "--steps", "1", "--algorithms",
+                                      "gpg", "grpo", "--sweep", "6e-4", "1.2e-3", "--lr", "grpo=3e-4", "--out", str(tmp_path)])
+    assert compare.main() == 0
+    assert {(r.algo, r.seed, r.lr) for r in ran} == {("gpg", 100, 6e-4), ("gpg", 100, 1.2e-3), ("gpg", 0, 1.2e-3), ("grpo", 0, 3e-4)}
+    table = (tmp_path / "results.md").read_text()
+    assert "| grpo | 0.0003 |" in table and "Rates fixed with --lr, not swept: grpo 0.0003." in table
+    monkeypatch.setattr(sys, "argv", ["compare_algorithms.py", "--task", "shapes", "--lr", "ppo=1e-3"])
+    with pytest.raises(SystemExit):
+        compare.main()
