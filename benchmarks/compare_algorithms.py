@@ -145,7 +145,8 @@ def main() -> int:
     if args.sweep_seed in args.seeds:
         p.error(f"--sweep-seed {args.sweep_seed} is one of --seeds; the sweep must run on a separate seed")
 
-    lr_of = fixed_rates(p, args.lr, args.algorithms)
+    fixed = fixed_rates(p, args.lr, args.algorithms)
+    lr_of = dict(fixed)
     sweep_lines: list[str] = []
     if args.sweep:
         swept = [a for a in args.algorithms if a not in lr_of]
@@ -191,9 +192,8 @@ def main() -> int:
             "|---|" + "---|" * (len(args.sweep) + 1),
             *sweep_lines,
         ]
-    fixed = [f"{a} {lr:g}" for a, lr in fixed_rates(argparse.ArgumentParser(), args.lr, args.algorithms).items()]
     if fixed:
-        lines += ["", f"Rates fixed with --lr, not swept: {', '.join(fixed)}."]
+        lines += ["", f"Rates fixed with --lr, not swept: {', '.join(f'{a} {lr:g}' for a, lr in fixed.items())}."]
     table = "\n".join(lines)
     print(table)
     (args.out / "results.md").write_text(table + "\n")

@@ -65,8 +65,8 @@ class _BoxTask(Task):
         **options,
     ):
         """reward: iou | giou. image_root: where relative image paths live (default: the data file's folder).
-        synthetic_easy: the twin draws one large shape in one of the image's four quarters, no distractors
-        (what the tiny model learns in minutes: benchmarks/twins/lisa.yaml)."""
+        synthetic_easy: the twin draws the target alone, a square in the top-left corner of a square image,
+        its side 1/4 or 3/4 of the image (the twin of benchmarks/twins/lisa.yaml; docs/learning.md says why)."""
         super().__init__(prompt_style=prompt_style, **options)
         if reward not in REWARDS:
             raise ValueError(f"{self.name}: reward must be one of {REWARDS}, got {reward!r}")

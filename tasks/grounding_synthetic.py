@@ -1,5 +1,8 @@
 """The offline twin of the grounding tasks: 2-4 flat shapes on a canvas, "find the red circle" and its box.
 
+Canvas sides are not multiples of 28, so RefCOCO's resize-and-map-back is exercised. Each scene depends on
+its random generator alone; `LisaTask`/`RefCOCOTask.synthetic` turn one into the task's own example form.
+
 The easy drawing (`synthetic_easy`) is one square in the top-left corner of a square canvas, its side a
 quarter or three quarters of the canvas: at the twins' 112x112 pixels, 1 or 9 whole image tokens. It
 varies the extent, not the place, of the target, and offers two boxes, not more, because the tiny model
