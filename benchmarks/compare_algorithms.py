@@ -136,10 +136,10 @@ def main() -> int:
     p.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = p.parse_args()
     task = TASKS[args.task]
-    if args.steps is None:
-        from gpg_vl.config import load_config
+    from gpg_vl.config import load_config
 
-        args.steps = load_config(task.config, []).train.max_steps
+    config = load_config(task.config, [])  # the twin's defaults: its length and its learning rate
+    args.steps = args.steps or config.train.max_steps
     args.out = args.out or Path("runs/compare") / args.task
     args.out.mkdir(parents=True, exist_ok=True)
     if args.sweep_seed in args.seeds:
@@ -156,7 +156,7 @@ def main() -> int:
             lr_of[algo] = max(args.sweep, key=lambda lr: (scores[lr], -lr))  # ties go to the smaller rate
             sweep_lines.append(f"| {algo} | " + " | ".join(f"{scores[lr]:.3f}" for lr in args.sweep) + f" | {lr_of[algo]:g} |")
     else:
-        lr_of = {a: lr_of.get(a, config_lr(task.config)) for a in args.algorithms}
+        lr_of = {a: lr_of.get(a, config.optim.lr) for a in args.algorithms}
 
     results = run_all([Run(a, s, lr_of[a]) for a in args.algorithms for s in args.seeds], args, task)
     by_algo = {a: [results[Run(a, s, lr_of[a])] for s in args.seeds] for a in args.algorithms}
@@ -214,12 +214,6 @@ def fixed_rates(p: argparse.ArgumentParser, given: list[str], algorithms: list[s
         if algo not in algorithms:
             p.error(f"--lr {item!r}: {algo!r} is not one of --algorithms {algorithms}")
     return rates
-
-
-def config_lr(path: str) -> float:
-    import yaml
-
-    return float(yaml.safe_load(Path(path).read_text())["optim"]["lr"])
 
 
 def plot(by_algo: dict[str, list[list[dict]]], task: TwinTask, name: str, path: Path) -> None:
