@@ -11,6 +11,10 @@ rounds) and writes curves as one PNG.
     .venv/bin/python benchmarks/compare_algorithms.py --task cvbench --sweep 6e-4 1.2e-3 \\
         --seeds 0 1 2 --jobs 2 --out runs/compare/cvbench
 
+Trailing KEY=VALUE overrides apply to every run, after each algorithm's own settings, so an ablation is one
+command (`--algorithms grpo --lr grpo=6e-4 --out runs/ablate/x algorithm.kl_coef=0` is GRPO without its KL
+term); the table's first line names them.
+
 Each run lasts the config's train.max_steps unless --steps says otherwise. Runs are resumable one by one
 (a finished run folder is read, not rerun); --jobs N runs N at a time with OMP_NUM_THREADS=1 each (on a
 2-core machine, --jobs 2 is the fastest way through a table).
@@ -163,7 +167,8 @@ def main() -> int:
 
     metric = f"eval/{task.metric}"
     lines = [
-        f"`{args.task}` twin ({task.config}): final held-out `{task.metric}` after {args.steps} steps, seeds {args.seeds}",
+        f"`{args.task}` twin ({task.config}): final held-out `{task.metric}` after {args.steps} steps, seeds {args.seeds}"
+        + (f"; every run with {' '.join(f'`{o}`' for o in args.overrides)}" if args.overrides else ""),
         "",
         f"| algorithm | lr | mean | std | min | max | per seed | training {task.reward}, last 20 steps | valid fraction | alpha | resample rounds | skipped steps | s/step | wall min (max) |"
         + (f" >= {args.target:g} |" if args.target is not None else ""),

@@ -169,3 +169,25 @@ def test_compare_lr_fixes_a_rate_and_skips_that_algorithms_sweep(tmp_path, monke
     monkeypatch.setattr(sys, "argv", ["compare_algorithms.py", "--task", "shapes", "--lr", "ppo=1e-3"])
     with pytest.raises(SystemExit):
         compare.main()
+
+
+def test_compare_overrides_come_after_each_algorithms_settings_and_are_named_in_the_table(tmp_path, monkeypatch):
+    """An ablation (GRPO without its KL term) is one command: the trailing override wins over grpo's kl_coef=0.04."""
+    compare = compare_module()
+    commands = []
+
+    def fake_subprocess_run(cmd, **kwargs):
+        commands.append(cmd)
+        folder = Path(next(c for c in cmd if c.startswith("train.output_dir=")).split("=", 1)[1])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 2, "eval/accuracy": 0.5, "reward/accuracy": 0.5,
+                                                          "valid_fraction": 1.0, "step_time_s": 0.1}) + "\n")
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_subprocess_run)
+    monkeypatch.setattr(sys, "argv", ["compare_algorithms.py", "--task", "shapes", "--seeds", "0", "--steps", "2",
+                                      "--algorithms", "grpo", "--out", str(tmp_path), "algorithm.kl_coef=0"])
+    assert compare.main() == 0
+    (cmd,) = commands
+    assert cmd.index("algorithm.kl_coef=0.04") < cmd.index("algorithm.kl_coef=0")
+    assert load_config(ROOT / compare.TASKS["shapes"].config, cmd[cmd.index("train") + 3:]).algorithm.kl_coef == 0.0
+    assert "every run with `algorithm.kl_coef=0`" in (tmp_path / "results.md").read_text().splitlines()[0]
