@@ -202,7 +202,8 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     (args.out / "results.md").write_text(table + "\n")
-    plot(by_algo, task, args.task, args.out / "curves.png")
+    suffix = f" ({' '.join(args.overrides)})" if args.overrides else ""  # the legend says what an ablation changed
+    plot({algo + suffix: logs for algo, logs in by_algo.items()}, task, args.task, args.out / "curves.png")
     print(f"wrote {args.out / 'results.md'} and {args.out / 'curves.png'}")
     return 0
 
