@@ -6,8 +6,9 @@ the other back: `modeling.load_policy` asks here for a folder and never builds a
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 BUILTIN_PREFIX = "builtin:"
@@ -37,6 +38,7 @@ BUILTINS = {
     "tiny-warm-classification": ("qwen2_vl", "tiny", WarmUp("classification", {"synthetic_easy": True})),
 }
 KIT_VERSION = "3"  # bump when the kit or the warm-up data changes, so stale caches are rebuilt (3: new shapes palette)
+WARM_RECORD = "warmup.json"  # in a warm preset's folder: the WarmUp it was built with
 
 
 class ModelLoadError(RuntimeError):
@@ -57,14 +59,18 @@ def resolve_model_path(name_or_path: str) -> str:
         raise ModelLoadError(f"unknown built-in model {name_or_path!r}; choose one of {', '.join(BUILTIN_PREFIX + k for k in BUILTINS)}")
     arch, size, warm = BUILTINS[preset]
     folder = cache_dir() / f"{preset}-v{KIT_VERSION}"
-    if not (folder / "config.json").exists():
-        if warm:
+    if warm:
+        # The folder records the warm-up it was built with; a preset whose task or options changed is rebuilt.
+        record, spec = folder / WARM_RECORD, json.dumps(asdict(warm), sort_keys=True)
+        if not (folder / "config.json").exists() or not record.exists() or record.read_text() != spec:
+            from gpg_vl.checkpoint import atomic_write_text
             from gpg_vl.warmup import make_format_warm
 
             base = resolve_model_path(BUILTIN_PREFIX + "tiny")
             make_format_warm(folder, base=base, task=warm.task, task_options=warm.options or None, max_new_tokens=warm.max_new_tokens)
-        else:
-            from gpg_vl.tiny import make_tiny
+            atomic_write_text(record, spec)  # last: a build cut short before this is built again next time
+    elif not (folder / "config.json").exists():
+        from gpg_vl.tiny import make_tiny
 
-            make_tiny(folder, arch=arch, preset=size)
+        make_tiny(folder, arch=arch, preset=size)
     return str(folder)

@@ -3,6 +3,7 @@ deterministically, for both architectures, with and without torchvision."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,31 @@ def test_pixel_budget_defaults_to_the_one_saved_with_the_model(tiny_model_dir, t
     assert load_processor(tmp_path).max_pixels == 224 * 224  # checkpoints carry their budget
     image = processor.resize(MESSAGES)[0]["content"][0]["image"]
     assert image.size == (84, 56)  # 90x60 rounded to multiples of 28 inside the budget
+
+
+def test_a_warm_preset_is_rebuilt_when_its_warm_up_changes(tmp_path, monkeypatch):
+    """A cached warm preset is reused only if it was built with the same WarmUp (task, options, tokens);
+    after a change, or from a folder with no record of its warm-up, it is built again."""
+    import gpg_vl.tiny
+    import gpg_vl.warmup
+    from gpg_vl import builtin
+
+    builds = []
+
+    def fake_build(out_dir, **kwargs):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text("{}")
+        builds.append(kwargs.get("task_options") or kwargs.get("preset"))
+        return out_dir
+
+    monkeypatch.setenv("GPG_VL_CACHE", str(tmp_path))
+    monkeypatch.setattr(gpg_vl.tiny, "make_tiny", fake_build)
+    monkeypatch.setattr(gpg_vl.warmup, "make_format_warm", fake_build)
+    monkeypatch.setitem(builtin.BUILTINS, "tiny-warm-x", ("qwen2_vl", "tiny", builtin.WarmUp("lisa", {"synthetic_easy": True})))
+    folder = resolve_model_path("builtin:tiny-warm-x")
+    assert resolve_model_path("builtin:tiny-warm-x") == folder and builds == ["tiny", {"synthetic_easy": True}]
+    monkeypatch.setitem(builtin.BUILTINS, "tiny-warm-x", ("qwen2_vl", "tiny", builtin.WarmUp("lisa", {"synthetic_easy": False})))
+    assert resolve_model_path("builtin:tiny-warm-x") == folder and builds[-1] == {"synthetic_easy": False}
+    (Path(folder) / builtin.WARM_RECORD).unlink()  # a cache built before records existed
+    resolve_model_path("builtin:tiny-warm-x")
+    assert len(builds) == 4 and resolve_model_path("builtin:tiny-warm-x") == folder and len(builds) == 4
