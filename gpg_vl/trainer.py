@@ -171,7 +171,8 @@ def train(cfg: Config) -> dict:
     algo, G = cfg.algorithm, cfg.rollout.group_size
 
     # Task and data (a hub model that cannot be loaded fails here, before any data is read)
-    check_model_source(resolve_model_path(cfg.model.name_or_path))
+    with accelerator.local_main_process_first():  # a builtin preset is built once per machine, not by every rank
+        check_model_source(resolve_model_path(cfg.model.name_or_path))
     task = get_task(cfg.task.name, **cfg.task.options)
     train_examples = task.load(cfg.task.train_data, cfg.task.train_split)
     if cfg.train.train_limit:
