@@ -29,6 +29,11 @@ BUILTINS = {
     "tiny-warm": ("qwen2_vl", "tiny", WarmUp("shapes")),  # the quickstart's policy
     "tiny-qwen2_5_vl": ("qwen2_5_vl", "tiny", None),
     "tiny-qwen3_vl": ("qwen3_vl", "tiny", None),
+    # head size 32, which vLLM's CPU backend accepts (tiny's 24 it refuses): the vLLM tests and quickstart
+    "tiny-h32": ("qwen2_vl", "tiny-h32", None),
+    "tiny-h32-warm": ("qwen2_vl", "tiny-h32", WarmUp("shapes")),
+    "tiny-h32-qwen2_5_vl": ("qwen2_5_vl", "tiny-h32", None),
+    "tiny-h32-qwen3_vl": ("qwen3_vl", "tiny-h32", None),
     "small-20m": ("qwen2_vl", "small-20m", None),
     "2b-shape": ("qwen2_vl", "2b-shape", None),
     # one per offline twin (benchmarks/twins/*.yaml), on the answer form and data of that twin
@@ -66,7 +71,7 @@ def resolve_model_path(name_or_path: str) -> str:
             from gpg_vl.checkpoint import atomic_write_text
             from gpg_vl.warmup import make_format_warm
 
-            base = resolve_model_path(BUILTIN_PREFIX + "tiny")
+            base = resolve_model_path(BUILTIN_PREFIX + next(k for k, v in BUILTINS.items() if v == (arch, size, None)))
             make_format_warm(folder, base=base, task=warm.task, task_options=warm.options or None, max_new_tokens=warm.max_new_tokens)
             atomic_write_text(record, spec)  # last: a build cut short before this is built again next time
     elif not (folder / "config.json").exists():

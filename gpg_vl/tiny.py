@@ -86,6 +86,9 @@ PRESETS = {
     "small-20m": TinyPreset(
         hidden=384, layers=8, heads=6, kv_heads=2, ffn=1536, vision_width=256, vision_depth=6, vision_heads=4, vocab_size=2048
     ),
+    # `tiny` with 32-wide attention heads (3 heads, 1 KV head): vLLM's CPU attention takes head sizes 32, 64,
+    # 80, ... only, and tiny's 24 fails at the first generate (docs/kit.md). Same width, depth and vocabulary.
+    "tiny-h32": TinyPreset(heads=3, kv_heads=1),
     # Qwen2-VL-2B-Instruct's config.json sizes, but 2 text and 2 vision layers
     "2b-shape": TinyPreset(
         hidden=1536, layers=2, heads=12, kv_heads=2, ffn=8960, vision_width=1280, vision_depth=2, vision_heads=16,
