@@ -83,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     from gpg_vl.data import DataError
     from gpg_vl.mathverify import MathVerifyUnavailable
     from gpg_vl.modeling import ModelLoadError
+    from gpg_vl.rollout.base import PromptParityError
 
     try:
         return int(_module(module).run(args) or 0)
-    except (CheckpointError, ConfigError, DataError, MathVerifyUnavailable, ModelLoadError, FileNotFoundError) as e:
+    except (CheckpointError, ConfigError, DataError, MathVerifyUnavailable, ModelLoadError, PromptParityError, FileNotFoundError) as e:
         print(f"gpg-vl {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

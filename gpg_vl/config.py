@@ -205,6 +205,9 @@ class RolloutConfig:
     """vLLM only: release the engine's memory between rollouts (sleep level 1)."""
     vllm_kwargs: dict = field(default_factory=dict)
     """vLLM only: extra keyword arguments for vllm.LLM (e.g. max_model_len)."""
+    vllm_parity_every: int = option(50, ge=0)
+    """vLLM only: compare every prompt's token ids with the HF processor's at the first rollout and every N-th
+    after (0: the first only); a mismatch stops the run before any gradient is taken."""
 
 
 @dataclass

@@ -70,6 +70,12 @@ def check_optimizer(name: str, use_cuda: bool) -> None:
         raise ConfigError("optim.name=adamw_8bit needs bitsandbytes: pip install 'gpg-vl[gpu]'") from None
 
 
+def check_engine(rollout_cfg, use_cuda: bool) -> None:
+    """Fail before anything loads when the rollout engine's options cannot run here."""
+    if rollout_cfg.engine == "vllm" and rollout_cfg.vllm_sleep and not use_cuda:
+        raise ConfigError("rollout.vllm_sleep=true needs CUDA: vLLM's CPU build has no sleep mode; set rollout.vllm_sleep=false")
+
+
 def make_optimizer(params, cfg: Config):
     """AdamW over the trainable parameters: torch's (state in the weights' dtype) or bitsandbytes' 8-bit one.
 
@@ -152,6 +158,7 @@ def train(cfg: Config) -> dict:
     """Run training as configured; returns the last step's metrics (plus held-out ones if evaluated)."""
     use_cuda = torch.cuda.is_available()
     check_optimizer(cfg.optim.name, use_cuda)
+    check_engine(cfg.rollout, use_cuda)
     # model.dtype auto: fp32 master weights under bf16 autocast on CUDA; any other dtype is the weights' own
     autocast_bf16 = use_cuda and cfg.model.dtype == "auto"
     accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if autocast_bf16 else "no")
@@ -212,7 +219,7 @@ def train(cfg: Config) -> dict:
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
-    engine = make_engine(cfg.rollout.engine, policy, processor, cfg.rollout, cfg.model)
+    engine = make_engine(cfg.rollout.engine, policy, processor, cfg.rollout, cfg.model, max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0))
     sampler = PromptSampler(len(train_examples), cfg.train.seed, rank, world)
     start_step = 0
     if resume_dir is not None:

@@ -1,17 +1,17 @@
-"""Rollout engines, looked up by name (`rollout.engine` in the config): `hf` now, `vllm` on CUDA."""
+"""Rollout engines, looked up by name (`rollout.engine` in the config): `hf`, and `vllm` (CUDA, or vLLM's CPU build)."""
 
 from __future__ import annotations
 
 from gpg_vl.rollout.base import Rollout, RolloutEngine, SamplingParams
 
 
-def _make_hf(model, processor, rollout_cfg, model_cfg):
+def _make_hf(model, processor, rollout_cfg, model_cfg, max_new_tokens=None):
     from gpg_vl.rollout.hf import HFEngine
 
     return HFEngine(model, processor, rollout_cfg.batch_size)
 
 
-def _make_vllm(model, processor, rollout_cfg, model_cfg):
+def _make_vllm(model, processor, rollout_cfg, model_cfg, max_new_tokens=None):
     from gpg_vl.rollout.vllm import VLLMEngine  # the only module that imports vllm
 
     return VLLMEngine(
@@ -19,17 +19,20 @@ def _make_vllm(model, processor, rollout_cfg, model_cfg):
         max_images_per_prompt=rollout_cfg.vllm_max_images_per_prompt,
         sleep=rollout_cfg.vllm_sleep,
         llm_kwargs=rollout_cfg.vllm_kwargs,
+        max_new_tokens=max_new_tokens,
+        parity_every=rollout_cfg.vllm_parity_every,
     )
 
 
 ENGINES = {"hf": _make_hf, "vllm": _make_vllm}
 
 
-def make_engine(name: str, model, processor, rollout_cfg, model_cfg) -> RolloutEngine:
-    """Build the rollout engine `name` around the policy `model`."""
+def make_engine(name: str, model, processor, rollout_cfg, model_cfg, max_new_tokens: int | None = None) -> RolloutEngine:
+    """Build the rollout engine `name` around the policy `model`; `max_new_tokens` is the longest completion
+    any caller will ask for, when it exceeds `rollout_cfg.max_new_tokens` (held-out evaluation)."""
     if name not in ENGINES:
         raise KeyError(f"unknown rollout engine {name!r}; choose one of {', '.join(ENGINES)}")
-    return ENGINES[name](model, processor, rollout_cfg, model_cfg)
+    return ENGINES[name](model, processor, rollout_cfg, model_cfg, max_new_tokens)
 
 
 __all__ = ["ENGINES", "Rollout", "RolloutEngine", "SamplingParams", "make_engine"]

@@ -79,6 +79,11 @@ class Rollout:
         )
 
 
+class PromptParityError(RuntimeError):
+    """An engine built other prompt tokens than the HF processor does (the vLLM engine checks): the training
+    forward would score a different prompt than the one sampled from, silently (TRL issues 6294, 6401)."""
+
+
 class RolloutEngine(Protocol):
     """The interface the trainer, eval and demo use."""
 
