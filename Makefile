@@ -46,7 +46,7 @@ browser-deps:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
 	    $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-test: setup browser-deps
+test: setup setup-vllm browser-deps
 	$(BIN)/pytest -q
 
 clean:

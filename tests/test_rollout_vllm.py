@@ -1,12 +1,10 @@
-"""The vLLM rollout engine without vLLM: its pure helpers, and its call order against `RecordingLLM`, a recorder
-whose every method and argument tests/test_vllm_api.py checks against the real `vllm.LLM` source (so it cannot
-drift into a private idea of vLLM). One GPU test (generate, sync, log-probs follow the new weights) runs only
-where CUDA and vllm import."""
+"""The vLLM engine's pure helpers, without vLLM. The engine itself runs against the real vLLM (its CPU build, in
+.venv-vllm) in tests/test_vllm_engine.py; one GPU test (generate, sync, log-probs follow the new weights) runs
+where CUDA and vllm import (benchmarks/gpu_check.py runs it on the day a GPU is lent)."""
 
 import importlib.util
 import os
 import sys
-import types
 from types import SimpleNamespace
 
 import pytest
@@ -158,11 +156,45 @@ def test_version_range():
 def test_llm_kwargs_colocate_in_process_and_pass_the_pixel_budget():
     cfg = ModelConfig()  # min/max_pixels None: the budget comes from the processor, never from here
     rollout = RolloutConfig(vllm_gpu_memory_utilization=0.25, batch_size=32)
-    kw = vl.build_llm_kwargs("/m", rollout, cfg, (MIN_PX, MAX_PX), 2, False, {"enforce_eager": True})
+    kw = vl.build_llm_kwargs("/m", rollout, cfg, (MIN_PX, MAX_PX), 2, False, {"enforce_eager": True}, max_model_len=2100)
     assert kw["mm_processor_kwargs"] == {"min_pixels": MIN_PX, "max_pixels": MAX_PX}
-    assert kw["limit_mm_per_prompt"] == {"image": 2} and kw["gpu_memory_utilization"] == 0.25 and kw["max_num_seqs"] == 32
+    assert kw["limit_mm_per_prompt"] == {"image": 2, "video": 0} and kw["gpu_memory_utilization"] == 0.25 and kw["max_num_seqs"] == 32
     assert kw["distributed_executor_backend"] == "external_launcher" and kw["logprobs_mode"] == "processed_logprobs"
-    assert kw["dtype"] == "bfloat16" and kw["enforce_eager"] is True
+    assert kw["dtype"] == "bfloat16" and kw["enforce_eager"] is True and kw["max_model_len"] == 2100
+    assert "kv_cache_memory_bytes" not in kw and "enable_chunked_prefill" not in kw
+
+
+def test_on_the_cpu_the_kv_cache_is_what_the_batch_needs_and_prompts_prefill_whole():
+    kw = vl.build_llm_kwargs("/m", RolloutConfig(batch_size=8), ModelConfig(), (MIN_PX, MAX_PX), 1, False, on_cpu=True,
+                             max_model_len=9000, kv_bytes=123)
+    assert kw["dtype"] == "float32"  # `auto` trains fp32 weights on the CPU (no autocast there)
+    assert kw["kv_cache_memory_bytes"] == 123 and "gpu_memory_utilization" not in kw
+    assert kw["enable_chunked_prefill"] is False and kw["max_num_batched_tokens"] == 9000
+
+
+def test_kv_cache_bytes_count_keys_and_values_of_every_layer():
+    text = SimpleNamespace(num_hidden_layers=4, num_key_value_heads=1, hidden_size=96, num_attention_heads=3)
+    # 2 (K and V) x 4 layers x 1 KV head x 32 head dim x 4 bytes = 1 KiB per token
+    assert vl.kv_cache_bytes(text, max_model_len=100, max_num_seqs=8, dtype=torch.float32) == 1024 * 100 * 8
+
+
+def test_max_model_len_is_the_prompt_budget_plus_the_longest_completion(policy):
+    _, processor, _ = policy  # 12544 px at 28 px per merged token: 16 image tokens per image
+    assert vl.max_model_len_for(processor, max_images=2, max_new_tokens=24) == vl.PROMPT_TEXT_TOKENS + 2 * 16 + 24
+
+
+def test_parity_check_names_the_prompt_and_both_counts(policy):
+    _, processor, _ = policy
+    prompts = [image_prompt((56, 56)), image_prompt((112, 112))]
+    ids = []
+    for p in prompts:
+        enc = processor([processor.resize(p)])
+        ids.append(enc["input_ids"][0].tolist())
+    vl.check_prompt_parity(processor, prompts, ids)  # the HF ids themselves pass
+    image = processor.image_token_id
+    fewer = [ids[0], [t for k, t in enumerate(ids[1]) if not (t == image and k % 2)]]  # half the image tokens
+    with pytest.raises(vl.PromptParityError, match=rf"prompt 1: vLLM built {len(fewer[1])} prompt tokens \(8 image tokens\), the HF processor {len(ids[1])} \(16 image tokens\)"):
+        vl.check_prompt_parity(processor, prompts, fewer)
 
 
 def test_launcher_env_is_filled_for_one_call_and_removed_after(monkeypatch):
@@ -180,126 +212,6 @@ def test_without_vllm_the_engine_says_how_to_install_it(policy, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(ImportError, match=r"pip install 'gpg-vl\[vllm\]' on a CUDA machine"):
         make_engine("vllm", model, processor, RolloutConfig(), cfg)
-
-
-# ---- the engine's call order, against a recorder of the real LLM's surface ----------------------------------
-
-
-class RecordingLLM:
-    """Records what the engine asks of `vllm.LLM`; samples [A, EOS] for even and [A, B, C] (length) for odd k.
-
-    Only methods and arguments the real `LLM` has (tests/test_vllm_api.py checks each one against the wheel's
-    source): `apply_model(fn)` calls `fn` on the model, as vLLM's in-process worker does.
-    """
-
-    def __init__(self, model=None, **kwargs):
-        self.kwargs, self.calls, self.loaded = {"model": model, **kwargs}, [], {}
-        self.env_rank = os.environ.get("RANK")
-        self._model = SimpleNamespace(load_weights=self._load)
-        self.llm_engine = SimpleNamespace(reset_encoder_cache=lambda: self.calls.append("reset_encoder_cache"))
-
-    def _load(self, weights):
-        self.calls.append("load_weights")
-        self.loaded = {n: t.clone() for n, t in weights}
-        return set(self.loaded)
-
-    def apply_model(self, func):
-        return [func(self._model)]
-
-    def reset_prefix_cache(self, reset_running_requests=False, reset_connector=False):
-        self.calls.append("reset_prefix_cache")
-        return True
-
-    def reset_mm_cache(self):
-        self.calls.append("reset_mm_cache")
-
-    def sleep(self, level=1, mode="abort"):
-        self.calls.append(f"sleep{level}")
-
-    def wake_up(self, tags=None):
-        self.calls.append("wake:" + ",".join(sorted(tags)))
-        return True
-
-    def generate(self, prompts, sampling_params=None, *, use_tqdm=True, lora_request=None):
-        self.calls.append("generate")
-        self.requests, self.sampling = prompts, sampling_params
-        eos = 505
-        def sample(k):
-            if k % 2 == 0:
-                return completion(k, [TOK_A, eos], [-0.25, -0.25], "stop")
-            return completion(k, [TOK_A, TOK_B, TOK_C], [-0.25] * 3, "length")
-
-        return [SimpleNamespace(outputs=[sample(k) for k in range(sp.kwargs["n"])]) for sp in sampling_params]
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    module = types.ModuleType("vllm")
-    module.__version__ = "0.25.1"
-    module.LLM = RecordingLLM
-    module.SamplingParams = lambda **kwargs: SimpleNamespace(kwargs=kwargs)
-    monkeypatch.setitem(sys.modules, "vllm", module)
-    monkeypatch.delenv("RANK", raising=False)  # as in a single process, not under torchrun
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    return module
-
-
-def test_engine_syncs_first_then_samples_groups_with_per_prompt_seeds(policy, fake_vllm):
-    model, processor, cfg = policy
-    engine = make_engine("vllm", model, processor, RolloutConfig(), cfg)
-    llm = engine.llm
-    assert llm.env_rank == "0" and "RANK" not in os.environ  # torchrun variables only during construction
-    # vLLM read the folder; the policy is pushed at once, then every cache the old weights filled is dropped
-    assert llm.calls == ["load_weights", "reset_prefix_cache", "reset_encoder_cache", "reset_mm_cache"]
-    assert set(llm.loaded) == {n for n, _ in model.named_parameters()}
-
-    prompts = [image_prompt((60, 90)), image_prompt((56, 56))]
-    r = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=8, seed=7))
-    assert [sp.kwargs["seed"] for sp in llm.sampling] == [7, 9] and llm.sampling[0].kwargs["n"] == 2
-    assert r.prompt_indices == [0, 0, 1, 1] and r.finish_reasons == ["stop", "length"] * 2
-    assert r.response_mask.sum(1).tolist() == [2, 3, 2, 3]
-
-    g = engine.generate(prompts, SamplingParams(n=3, temperature=0.0, max_new_tokens=8))
-    assert len(llm.requests) == 6 and all(sp.kwargs["n"] == 1 for sp in llm.sampling)  # greedy fan-out
-    assert g.prompt_indices == [0, 0, 0, 1, 1, 1]
-
-    with torch.no_grad():  # a changed policy reaches vLLM on the next sync
-        name, param = next(iter(model.named_parameters()))
-        param.add_(1.0)
-        engine.sync_weights(model)
-        torch.testing.assert_close(llm.loaded[name], param)
-        param.sub_(1.0)
-
-
-def test_sleeping_engine_wakes_weights_before_loading_and_sleeps_after_sampling(policy, fake_vllm):
-    model, processor, cfg = policy
-    from gpg_vl.rollout.vllm import VLLMEngine
-
-    engine = VLLMEngine(model, processor, RolloutConfig(), cfg, sleep=True)
-    llm = engine.llm
-    assert llm.kwargs["enable_sleep_mode"] is True and llm.calls[-1] == "sleep1"  # level 1, never 2
-    llm.calls.clear()
-    engine.sync_weights(model)
-    engine.generate([image_prompt((56, 56))], SamplingParams(n=2, max_new_tokens=4, seed=0))
-    assert llm.calls == ["wake:weights", "load_weights", "reset_prefix_cache", "reset_encoder_cache", "reset_mm_cache",
-                         "wake:kv_cache", "generate", "sleep1"]
-
-
-def test_pixel_budget_saved_with_the_model_reaches_vllm_and_the_requests(tiny_model_dir, fake_vllm):
-    # The default: no min/max_pixels in the config, so the budget is the model folder's, read by the processor.
-    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
-    model, processor = load_policy(cfg)
-    assert cfg.min_pixels is None and cfg.max_pixels is None
-    budget = (processor.min_pixels, processor.max_pixels)
-    assert all(isinstance(v, int) and v > 0 for v in budget)
-    engine = make_engine("vllm", model, processor, RolloutConfig(), cfg)
-    assert engine.llm.kwargs["mm_processor_kwargs"] == {"min_pixels": budget[0], "max_pixels": budget[1]}
-    prompt = image_prompt((700, 50))  # far outside any budget: resizing must happen, by the processor's rule
-    engine.generate([prompt], SamplingParams(n=2, max_new_tokens=4, seed=0))
-    sent = engine.llm.requests[0]["multi_modal_data"]["image"]
-    hf_sees = [item["image"] for m in processor.resize(prompt) for item in m["content"] if item.get("type") == "image"]
-    assert [im.size for im in sent] == [im.size for im in hf_sees] != [(700, 50)]  # what the HF engine feeds
 
 
 # ---- the real thing, where CUDA and vllm exist -----------------------------------------------------------
