@@ -19,6 +19,7 @@ caches are reset; building the engine must not reseed or re-thread the trainer (
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -318,13 +319,27 @@ def push_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     so its packed copy of the embedding stays stale (log-probs off by up to 1.5 after an embedding change):
     its processing is re-run here (a no-op on the GPU, where nothing is packed).
     """
-    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-    llm.apply_model(_repack_lm_heads)
-    llm.reset_prefix_cache()  # KV blocks of prompts run through the old weights
-    # The encoder cache keys image embeddings by image hash alone: without a reset, an image seen before the
-    # sync would reuse the old vision tower's embedding.
-    llm.llm_engine.reset_encoder_cache()
-    llm.reset_mm_cache()  # preprocessed images; weight-independent, but it grows every step unless cleared
+    with vllm_log_level(logging.ERROR):  # a sync is routine: vLLM logs 6 lines per sync, 4 of them warnings
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        llm.apply_model(_repack_lm_heads)
+        llm.reset_prefix_cache()  # KV blocks of prompts run through the old weights
+        # The encoder cache keys image embeddings by image hash alone: without a reset, an image seen before
+        # the sync would reuse the old vision tower's embedding.
+        llm.llm_engine.reset_encoder_cache()
+        llm.reset_mm_cache()  # preprocessed images; weight-independent, but it grows every step unless cleared
+
+
+@contextmanager
+def vllm_log_level(level: int):
+    """vLLM's loggers at `level` for one call, then back. Its reload warns "Failed to load weights" for every
+    module that has none of its own (rotary embeddings, a tied LM head), which is expected on every sync."""
+    log = logging.getLogger("vllm")
+    old = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 def _repack_lm_heads(model) -> int:
