@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     add("--max-new-tokens", type=int, help=f"longest completion (default: {default_tokens}, as in training)")
     add("--min-pixels", type=int, help="smallest image area fed to the model (default: the one saved with the model)")
     add("--max-pixels", type=int, help="largest image area fed to the model (default: the one saved with the model)")
-    add("--engine", help="rollout engine: hf (transformers generate) | vllm (CUDA only) (default: hf)")
+    add("--engine", help="rollout engine: hf (transformers generate) | vllm (CUDA, or vLLM's CPU build: make setup-vllm) (default: hf)")
     add("--seed", type=int, default=0, help="sampling seed (default: 0)")
     add("--dtype", choices=DTYPES, help="weights dtype; auto (default) is bfloat16 on CUDA, float32 on the CPU")
     add("overrides", nargs="*", metavar="section.key=value",
@@ -114,7 +114,7 @@ def check_args(args, model_cfg: ModelConfig, rollout_cfg: RolloutConfig) -> None
     if rollout_cfg.engine not in ENGINES:
         raise ConfigError(f"--engine {rollout_cfg.engine!r} is unknown; choose one of {', '.join(ENGINES)}")
     if rollout_cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:  # say so once, not once per model
-        raise ConfigError("--engine vllm needs vLLM, which is not installed: `pip install 'gpg-vl[vllm]'` on a CUDA machine")
+        raise ConfigError("--engine vllm needs vLLM, which is not installed: `pip install 'gpg-vl[vllm]'` on a CUDA machine, or run .venv-vllm/bin/gpg-vl after `make setup-vllm`")
     if model_cfg.dtype not in DTYPES:
         raise ConfigError(f"model.dtype {model_cfg.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     for name, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
