@@ -1,0 +1,185 @@
+"""How close each stage of one GPG step runs to this machine's limits (a roofline per stage).
+
+First it measures the machine, at the thread count in use: fp32 matmul GFLOPS at the shapes a step uses
+(best of several `torch.mm` calls at rows x hidden x FFN of the preset) and memory bandwidth from a large
+copy (bytes read + written). Then, for each preset, one step of the trainer's own stages at the vs-TRL
+settings (B prompts x G completions, 224 px, N new tokens, fp32): rollout prefill, rollout decode, training
+forward, backward, optimizer step. FLOPs are counted by torch's `FlopCounterMode` (matmuls and attention);
+bytes are the weights read per decode step (+ the KV cache) and AdamW's 7 fp32 reads/writes per parameter.
+A stage's limit is max(FLOPs / peak FLOPS, bytes / bandwidth); the fraction printed is limit / measured
+time. Run it alone on the machine:
+
+    .venv/bin/python benchmarks/roofline.py                   # tiny, small-20m, 2b-shape; under 15 min here
+    .venv/bin/python benchmarks/roofline.py --presets tiny --out runs/roofline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def best_time(fn, repeats: int = 5) -> float:
+    fn()  # warm-up (allocations, thread pool)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def machine_limits(rows: int, hidden: int, ffn: int) -> dict:
+    """Peak fp32 matmul GFLOPS at [rows, hidden] x [hidden, ffn] (and its transpose), and copy bandwidth."""
+    a, b = torch.randn(rows, hidden), torch.randn(hidden, ffn)
+    c, d = torch.randn(rows, ffn), torch.randn(ffn, hidden)
+    flops = 2 * rows * hidden * ffn
+    gflops = max(flops / best_time(lambda: torch.mm(a, b)), flops / best_time(lambda: torch.mm(c, d))) / 1e9
+    src = torch.empty(128 * 2**20, dtype=torch.float32).uniform_()  # 512 MiB, far beyond any cache
+    dst = torch.empty_like(src)
+    gbps = 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), 3) / 1e9  # read + write
+    return {"matmul_gflops": gflops, "copy_gb_per_s": gbps, "matmul_shape": [rows, hidden, ffn]}
+
+
+def count_flops(fn) -> tuple[float, object]:
+    with FlopCounterMode(display=False) as counter:
+        out = fn()
+    return counter.get_total_flops(), out
+
+
+def timed(fn) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def step_stages(preset: str, a) -> tuple[dict, list[dict]]:
+    """Time and count one step's stages on `builtin:<preset>`; returns (sizes, one row per stage)."""
+    from PIL import Image
+
+    from gpg_vl.config import ModelConfig
+    from gpg_vl.modeling import load_policy
+    from gpg_vl.prefix import compute_micro_batch_logprobs, continue_forward, prefill
+    from gpg_vl.rollout import SamplingParams, make_engine
+    from gpg_vl.config import RolloutConfig
+
+    pixels = a.image_size**2
+    cfg = ModelConfig(name_or_path=f"builtin:{preset}", dtype="float32", min_pixels=pixels, max_pixels=pixels)
+    model, processor = load_policy(cfg)
+    text = model.config.get_text_config()
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    prompts = [[{"role": "user", "content": [
+        {"type": "image", "image": Image.new("RGB", (a.image_size, a.image_size), c)},
+        {"type": "text", "text": "What colour is the large shape? Answer with a letter."},
+    ]}] for c in ["red", "green", "blue", "yellow"][: a.prompts]]
+    B, G, L = len(prompts), a.group_size, a.max_new_tokens
+    engine = make_engine("hf", model, processor, RolloutConfig(batch_size=B * G, max_new_tokens=L), cfg)
+    params = SamplingParams(n=G, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=L, seed=0)
+    engine.generate(prompts, params)  # warm-up
+    model.eval()
+    inputs = processor([processor.resize(p) for p in prompts])
+    rows: list[dict] = []
+
+    # rollout prefill: B prompts once (vision tower included)
+    with torch.no_grad():
+        flops, _ = count_flops(lambda: prefill(model, inputs, want_hidden=False))
+        seconds = statistics.median(timed(lambda: prefill(model, inputs, want_hidden=False))[0] for _ in range(3))
+    rows.append({"stage": "rollout prefill", "seconds": seconds, "flops": flops, "bytes": param_bytes})
+
+    # rollout decode: the whole generate minus its prefill; FLOPs and bytes of one decode step x steps
+    gen_seconds, rollout = timed(lambda: engine.generate(prompts, params))
+    steps = rollout.completion_ids.shape[1]
+    with torch.no_grad():
+        prefix = prefill(model, inputs, want_hidden=False)
+        prefix.select(torch.arange(B).repeat_interleave(G))
+        token = rollout.completion_ids[:, :1]
+        mask = torch.cat([prefix.attention_mask, torch.ones(B * G, 1, dtype=prefix.attention_mask.dtype)], dim=1)
+        step_flops, _ = count_flops(lambda: continue_forward(model, prefix, token, mask, 0, want_hidden=False))
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_bytes = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 4 * B * G * (inputs["input_ids"].shape[1] + steps / 2)
+    rows.append({"stage": "rollout decode", "seconds": max(gen_seconds - seconds, 1e-9), "flops": step_flops * steps,
+                 "bytes": (param_bytes + kv_bytes) * steps, "decode_steps": steps})
+
+    # training forward + backward + optimizer, as the trainer runs them (shared prefix, one micro-batch)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
+    ids, row_mask = rollout.completion_ids, rollout.response_mask
+
+    def forward():
+        return compute_micro_batch_logprobs(model, processor, prompts, rollout.prompt_indices, ids, row_mask, 1.0, True)
+
+    forward().sum().backward()  # warm-up, and the optimizer's state exists after one step
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as fwd_counter:
+        logprobs = forward()
+    seconds_fwd, logprobs = timed(forward)
+    with FlopCounterMode(display=False) as bwd_counter:
+        (logprobs * row_mask).sum().backward()
+    optimizer.zero_grad(set_to_none=True)
+    logprobs = forward()
+    seconds_bwd, _ = timed(lambda: (logprobs * row_mask).sum().backward())
+    rows.append({"stage": "training forward", "seconds": seconds_fwd, "flops": fwd_counter.get_total_flops(), "bytes": param_bytes})
+    rows.append({"stage": "backward", "seconds": seconds_bwd, "flops": bwd_counter.get_total_flops(), "bytes": 2 * param_bytes})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    seconds_opt = statistics.median(timed(optimizer.step)[0] for _ in range(3))
+    rows.append({"stage": "optimizer", "seconds": seconds_opt, "flops": 0.0, "bytes": 7 * 4 * trainable})
+    sizes = {"preset": preset, "hidden": text.hidden_size, "ffn": text.intermediate_size, "parameters_M": trainable / 1e6}
+    return sizes, rows
+
+
+def roofline(rows: list[dict], limits: dict) -> list[dict]:
+    peak, bw = limits["matmul_gflops"] * 1e9, limits["copy_gb_per_s"] * 1e9
+    for r in rows:
+        compute, memory = r["flops"] / peak, r["bytes"] / bw
+        r["bound"] = "compute" if compute >= memory else "memory"
+        r["limit_seconds"] = max(compute, memory)
+        r["fraction"] = r["limit_seconds"] / r["seconds"]
+        r["gflops"] = r["flops"] / r["seconds"] / 1e9
+        r["gb_per_s"] = r["bytes"] / r["seconds"] / 1e9
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "small-20m", "2b-shape"])
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as configured)")
+    ap.add_argument("--out", default="runs/roofline")
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from gpg_vl.tiny import PRESETS
+
+    results = []
+    for preset in a.presets:
+        p = PRESETS[preset]
+        rows_tokens = a.prompts * a.group_size * (a.max_new_tokens + 80)  # the training forward's rows x tokens
+        limits = machine_limits(min(rows_tokens, 4096), p.hidden, p.ffn)
+        sizes, rows = step_stages(preset, a)
+        rows = roofline(rows, limits)
+        results.append({**sizes, "limits": limits, "stages": rows})
+        print(f"{preset} ({sizes['parameters_M']:.2f}M): peak {limits['matmul_gflops']:.0f} GFLOPS at {limits['matmul_shape']}, "
+              f"copy {limits['copy_gb_per_s']:.1f} GB/s, {torch.get_num_threads()} threads")
+        for r in rows:
+            print(f"  {r['stage']:17s} {r['seconds']:8.3f} s  {r['gflops']:7.1f} GFLOPS  {r['gb_per_s']:6.1f} GB/s  "
+                  f"{r['bound']:7s}-bound limit {r['limit_seconds']:.3f} s  = {100 * r['fraction']:5.1f}% of the limit")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": str(date.today()), "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(a)}
+    (out / "roofline.json").write_text(json.dumps({"meta": meta, "presets": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
