@@ -65,11 +65,10 @@ def step_stages(preset: str, a) -> tuple[dict, list[dict]]:
     """Time and count one step's stages on `builtin:<preset>`; returns (sizes, one row per stage)."""
     from PIL import Image
 
-    from gpg_vl.config import ModelConfig
+    from gpg_vl.config import ModelConfig, RolloutConfig
     from gpg_vl.modeling import load_policy
     from gpg_vl.prefix import compute_micro_batch_logprobs, continue_forward, prefill
     from gpg_vl.rollout import SamplingParams, make_engine
-    from gpg_vl.config import RolloutConfig
 
     pixels = a.image_size**2
     cfg = ModelConfig(name_or_path=f"builtin:{preset}", dtype="float32", min_pixels=pixels, max_pixels=pixels)
