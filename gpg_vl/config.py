@@ -19,15 +19,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override with an unknown key, a wrong type or a value out of its range.
-
-    `key` is the dotted key at fault (when there is one), so the message can name the file that set it."""
-
-    def __init__(self, message: str, key: str | None = None):
-        super().__init__(message)
-        self.key = key
+from gpg_vl.errors import ConfigError  # lives in gpg_vl.errors so raising it needs no config import
 
 
 # ---- ranges and choices, declared on each field ---------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gpg_vl.checkpoint import atomic_write_text
+from gpg_vl.atomic import atomic_write_text
 from gpg_vl.config import ConfigError, ModelConfig, RolloutConfig, load_config, parse_override
 from gpg_vl.data import DataError
 from gpg_vl.generation import broadcast_from_main, gather_to_all, generate_batch

@@ -1,4 +1,5 @@
-"""Parsing of the `<think>...</think><answer>...</answer>` completion format shared by the tasks.
+"""Parsing of the `<think>...</think><answer>...</answer>` completion format shared by the tasks, and the
+one answer normalisation (`normalise_answer`, `answer_matches`, `match_choice`) every reward and task uses.
 
 Kept strict so scoring never raises, and linear-time so it stays fast on hostile strings (megabytes of
 repeated or unclosed tags, digit runs, unicode): tags are found with str.find, never with a lazy `.*?`.
@@ -96,8 +97,8 @@ def match_choice(answer: str | None, choices: Sequence[str]) -> int | None:
     """
     if answer is None or _TAG.search(answer):
         return None
-    norm = _normalise(answer)
-    texts = [_normalise(c) for c in choices]
+    norm = normalise_answer(answer)
+    texts = [normalise_answer(c) for c in choices]
     if norm in texts:
         return texts.index(norm)
     letters = {m.group(1).upper() for m in _PAREN_LETTER.finditer(answer)}
@@ -119,5 +120,29 @@ def match_choice(answer: str | None, choices: Sequence[str]) -> int | None:
     return named[0] if len(named) == 1 else None
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split()).strip(" .")
+def normalise_answer(text: str) -> str:
+    """An answer as compared everywhere: lower case, `_` read as a space, runs of whitespace as one space,
+    and leading or trailing spaces and dots dropped. `" Pink_Primrose. "` -> `"pink primrose"`."""
+    return " ".join(text.lower().replace("_", " ").split()).strip(" .")
+
+
+MATCH_RULES = ("exact", "contains")
+
+
+def answer_matches(answer: str | None, gold: str, rule: str = "exact") -> bool:
+    """Whether an <answer> text names `gold`; the one rule behind the `exact` and `contains` rewards of the
+    generic task and the `match` option of classification. A missing answer, or one holding tags, never matches.
+
+    Both compare `normalise_answer` forms with the spaces removed (Visual-RFT's classification reward drops
+    spaces and underscores, so `pinkprimrose` = `pink primrose`). exact: equal. contains: either inside the
+    other, Visual-RFT's rule, so a label inside a longer one matches it (Flowers102's `rose` is inside
+    `pink primrose`); unlike Visual-RFT's script, an empty answer matches nothing.
+    """
+    if rule not in MATCH_RULES:
+        raise ValueError(f"match rule must be one of {', '.join(MATCH_RULES)}; got {rule!r}")
+    if answer is None or _TAG.search(answer):
+        return False
+    a, b = normalise_answer(answer).replace(" ", ""), normalise_answer(gold).replace(" ", "")
+    if rule == "exact":
+        return a == b
+    return bool(a) and bool(b) and (a in b or b in a)

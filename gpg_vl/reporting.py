@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from gpg_vl.checkpoint import atomic_write_text
+from gpg_vl.atomic import atomic_write_text
 from gpg_vl.generation import compute_metrics
 from gpg_vl.records import RECORDS, RUN_JSON, SUMMARY_JSON, SUMMARY_MD, pass_at_k_metrics
 from gpg_vl.task import Task

@@ -16,21 +16,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gpg_vl.config import ConfigError
-from gpg_vl.parsing import LETTERS, extract_answer, format_ok, match_choice
+from gpg_vl.errors import ConfigError
+from gpg_vl.mathgrade import grade_strict
+from gpg_vl.parsing import LETTERS, answer_matches, extract_answer, format_ok, match_choice, normalise_answer
 from gpg_vl.task import RewardOutput
 from gpg_vl_tasks._boxes import Box, box_giou, box_iou, clip_box, parse_list_box, parse_point_pair_box
 
 KEY = "task.options.rewards"
-# A math answer longer than this is not a closed-form value; it is graded wrong without asking sympy.
-MAX_MATH_ANSWER_CHARS = 1_000
-
-_TAG = re.compile(r"</?(?:think|answer)>")
 _GOLD_LETTER = re.compile(r"\(?\s*([A-Za-z])\s*\)?\.?")
 # "(A) red", "A. red", "A) red", "A: red" at the start of a line of the question
 _OPTION_LINE = re.compile(r"^[ \t]*\(?([A-Z])[).:][ \t]+(\S[^\n]*)$", re.MULTILINE)
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-_MATH_DELIMITERS = ("$", "\\(", "\\[")
 
 
 class RewardError(ConfigError):
@@ -87,9 +82,9 @@ def _choice_gold(target: Target) -> tuple[int, list[str]]:
         if index >= len(options):
             raise ValueError(f"answer {truth!r} names no option of {options}")
         return index, options
-    normalised = [_normalise(o) for o in options]
-    if _normalise(truth) in normalised:
-        return normalised.index(_normalise(truth)), options
+    normalised = [normalise_answer(o) for o in options]
+    if normalise_answer(truth) in normalised:
+        return normalised.index(normalise_answer(truth)), options
     raise ValueError(
         f"answer {truth!r} is neither a letter like '(B)' nor one of the options {options or '(none found)'}"
     )
@@ -101,19 +96,8 @@ def _choice(text: str, gold: tuple[int, list[str]]) -> float:
 
 
 def _math(text: str, gold: str) -> float:
-    answer = extract_answer(text)
-    if not answer or len(answer) > MAX_MATH_ANSWER_CHARS:
-        return 0.0
-    if _NUMBER.fullmatch(answer) and _NUMBER.fullmatch(gold):
-        return float(math.isclose(float(answer), float(gold), rel_tol=1e-9, abs_tol=1e-9))  # no worker needed
-    from gpg_vl_tasks.geometry import grade_r1v  # the bounded math-verify worker; only math needs it
-
-    return float(grade_r1v(_as_latex(answer), _as_latex(gold)))
-
-
-def _as_latex(text: str) -> str:
-    # math-verify reads bare "2\sqrt{3}" as nothing; inside $...$ it parses it as LaTeX.
-    return text if any(d in text for d in _MATH_DELIMITERS) else f"${text}$"
+    # geometry's strict rule: plain numbers compared here, the rest by math-verify behind the hang guard
+    return float(grade_strict(extract_answer(text), gold))
 
 
 def _box_gold(target: Target) -> Box:
@@ -147,22 +131,12 @@ def _giou(text: str, gold: Box) -> float:
     return box_giou(pred, gold) + 1.0 if pred else 0.0  # GIoU + 1 in [0, 2], so no box scores as GIoU = -1
 
 
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().replace("_", " ").split()).strip(" .")
-
-
-def _named(text: str) -> str | None:
-    answer = extract_answer(text)
-    return None if answer is None or _TAG.search(answer) else _normalise(answer)
-
-
 def _exact(text: str, gold: str) -> float:
-    return float(_named(text) == _normalise(gold))
+    return float(answer_matches(extract_answer(text), gold, "exact"))
 
 
 def _contains(text: str, gold: str) -> float:
-    answer, name = _named(text), _normalise(gold)
-    return float(bool(answer) and re.search(rf"(?<!\w){re.escape(name)}(?!\w)", answer) is not None)
+    return float(answer_matches(extract_answer(text), gold, "contains"))
 
 
 @dataclass(frozen=True)
@@ -183,13 +157,13 @@ LIBRARY: dict[str, LibraryReward] = {
                       False, lambda t: None, lambda text, _: float(format_ok(text))),
         LibraryReward("choice", "1 if the <answer> picks the right lettered option ('(B)', 'B' or the option text)",
                       True, _choice_gold, _choice),
-        LibraryReward("math", "1 if the <answer> equals the answer mathematically (math-verify, 5 s bound)",
+        LibraryReward("math", "1 if the <answer> equals the answer mathematically (geometry's strict rule, 5 s bound)",
                       True, _nonempty_answer, _math),
         LibraryReward("iou", "IoU of the <answer> box with the answer box, in [0, 1]", False, _box_gold, _iou),
         LibraryReward("giou", "GIoU + 1 of the <answer> box with the answer box, in [0, 2]", False, _box_gold, _giou),
         LibraryReward("exact", "1 if the <answer> equals the answer (case, spaces, underscores, final '.' ignored)",
                       True, _nonempty_answer, _exact),
-        LibraryReward("contains", "1 if the answer appears in the <answer> as whole words (normalised as exact)",
+        LibraryReward("contains", "1 if either of the <answer> and the answer is inside the other (normalised as exact)",
                       True, _nonempty_answer, _contains),
     )
 }

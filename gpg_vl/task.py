@@ -36,10 +36,6 @@ class RewardOutput:
             raise ValueError(f"reward total must be finite, got {self.total}")
         self.components = {k: float(v) for k, v in self.components.items()}
 
-    def as_metrics(self, prefix: str = "reward/") -> dict[str, float]:
-        """Flat dict for logging, e.g. {"reward/total": 1.0, "reward/format": 1.0}."""
-        return {f"{prefix}total": self.total, **{f"{prefix}{k}": v for k, v in self.components.items()}}
-
 
 class Task:
     """Base class of a task plugin. Subclasses set `name`/`description` and implement the four methods.

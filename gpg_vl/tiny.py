@@ -254,7 +254,7 @@ def make_tiny(
     """Build and save a tiny model folder that `from_pretrained` (and `gpg_vl.modeling.load_policy`) loads."""
     from transformers import AutoModelForImageTextToText
 
-    from gpg_vl.checkpoint import atomic_dir
+    from gpg_vl.atomic import atomic_dir
     from gpg_vl.processor import save_processor
 
     if preset not in PRESETS:

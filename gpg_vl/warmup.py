@@ -49,7 +49,7 @@ def make_format_warm(
     `reference_answer` of a random example of its `synthetic:512` data (a ValueError if it has none)."""
     from transformers import AutoModelForImageTextToText
 
-    from gpg_vl.checkpoint import atomic_dir
+    from gpg_vl.atomic import atomic_dir
     from gpg_vl.registry import get_task
     from gpg_vl.tiny import TINY_PIXELS
 

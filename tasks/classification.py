@@ -3,20 +3,19 @@ Cars196, 4-shot): the model names the class inside <answer> tags.
 
 Training rows are Visual-RFT's (`image`, `problem`, `solution` = "<answer>class name</answer>"); evaluation
 also reads an image folder with a label list and a class-name list (layout in `load`). Accuracy is a
-normalised exact match by default; `match="contains"` is the paper's looser rule. `synthetic[:N]` draws
-shape-and-colour classes offline.
+normalised exact match by default; `match="contains"` is the paper's looser rule (both in
+`gpg_vl.parsing.answer_matches`). `synthetic[:N]` draws shape-and-colour classes offline.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gpg_vl.data import DataError, read_records, read_utf8, resolve_image_ref, synthetic_spec, to_pil
-from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok
+from gpg_vl.parsing import MATCH_RULES, THINK_ANSWER_INSTRUCTION, answer_matches, extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 from gpg_vl_tasks.classification_synthetic import make_synthetic_examples
 
@@ -40,8 +39,6 @@ DATASETS = {
         "This is an image containing a car. Please identify the model of the car based on the image.",
     ),
 }
-_TAG = re.compile(r"</?(?:think|answer)>")
-_SPACES_UNDERSCORES = re.compile(r"[\s_]+")
 
 
 class ClassificationTask(Task):
@@ -72,7 +69,7 @@ class ClassificationTask(Task):
         super().__init__(prompt_style=prompt_style, **options)
         if dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}; got {dataset!r}")
-        if match not in ("exact", "contains"):
+        if match not in MATCH_RULES:
             raise ValueError(f"match must be 'exact' or 'contains', got {match!r}")
         self.dataset, self.match = dataset, match
         self.use_row_problem = bool(use_row_problem)
@@ -153,7 +150,7 @@ class ClassificationTask(Task):
     def score(self, completion: str, example: dict) -> RewardOutput:
         text = self.full_completion(completion)
         fmt = float(format_ok(text))
-        acc = float(class_matches(extract_answer(text), example["label"], self.match))
+        acc = float(answer_matches(extract_answer(text), example["label"], self.match))
         return RewardOutput(fmt + acc, {"format": fmt, "accuracy": acc})
 
     def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
@@ -172,24 +169,6 @@ class ClassificationTask(Task):
 
     def record_fields(self, example: dict) -> dict[str, Any]:
         return {k: example[k] for k in ("id", "label", "dataset") if k in example}
-
-
-def normalise_class(text: str) -> str:
-    """Visual-RFT's normalisation: lower case, spaces and underscores removed."""
-    return _SPACES_UNDERSCORES.sub("", text.lower())
-
-
-def class_matches(answer: str | None, label: str, match: str = "exact") -> bool:
-    """Whether an <answer> text names `label`. A missing answer, or one holding tags, never matches.
-
-    exact: equal after `normalise_class`. contains: either string inside the other after normalisation,
-    Visual-RFT's rule. Its flaws: an empty answer is inside every label and scores 1, and a label inside a
-    longer one matches it (Flowers102's `rose` is inside `pink primrose`, so either answer passes for both).
-    """
-    if answer is None or _TAG.search(answer):
-        return False
-    a, b = normalise_class(answer), normalise_class(label)
-    return a == b if match == "exact" else (a in b or b in a)
 
 
 # ---- label lists ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from gpg_vl.parsing import _answer_blocks, extract_answer, extract_think, format_ok, match_choice
+from gpg_vl.parsing import _answer_blocks, answer_matches, extract_answer, extract_think, format_ok, match_choice
 
 # The regex versions these parsers replaced (quadratic on unclosed tags); kept here as the reference meaning.
 _TAG = re.compile(r"</?(?:think|answer)>")
@@ -81,3 +81,36 @@ def test_match_choice_unchanged_on_ordinary_answers():
     assert match_choice("A or B", choices) is None
     assert match_choice("A chair", choices) is None
     assert match_choice("<answer>(B)", choices) is None
+
+
+# ---- one answer normalisation for every task ------------------------------------------------------
+
+AGREEMENT_CASES = [
+    ("pink primrose", "pink primrose"), ("Pink_Primrose.", "pink primrose"), (" pink  primrose ", "pink primrose"),
+    ("pinkprimrose", "pink primrose"), ("rose", "pink primrose"), ("a pink primrose flower", "pink primrose"),
+    ("sunflower", "pink primrose"), ("", "pink primrose"), ("<answer>x", "x"), ("Blue", "blue"), ("dark blue", "blue"),
+    ("3", "3"), ("3.0", "3"), ("A", "a chair"), ("粉红 primrose ☃", "pink primrose"),
+]
+
+
+@pytest.mark.parametrize("rule", ["exact", "contains"])
+@pytest.mark.parametrize("answer, gold", AGREEMENT_CASES)
+def test_generic_rewards_and_classification_give_the_same_verdicts(rule, answer, gold):
+    """Invariant: the generic task's `exact`/`contains` rewards and classification's `match` of the same name agree
+    on every answer, because both call parsing.answer_matches (they used to normalise three different ways)."""
+    from gpg_vl.rewards import LIBRARY, Target
+    from gpg_vl_tasks.classification import ClassificationTask
+
+    completion = f"<think>x</think><answer>{answer}</answer>"
+    reward = LIBRARY[rule]
+    generic = reward.grade(completion, reward.gold(Target(gold)))
+    classification = ClassificationTask(match=rule).score(completion, {"label": gold}).components["accuracy"]
+    assert generic == classification == float(answer_matches(answer, gold, rule))
+
+
+def test_answer_matches_hand_cases():
+    assert answer_matches("Pink_Primrose.", "pink primrose") and answer_matches("pinkprimrose", "Pink Primrose")
+    assert not answer_matches("rose", "pink primrose") and answer_matches("rose", "pink primrose", "contains")
+    assert not answer_matches("", "rose", "contains") and not answer_matches("<think>rose", "rose", "contains")
+    with pytest.raises(ValueError, match="match rule must be one of exact, contains; got 'fuzzy'"):
+        answer_matches("rose", "rose", "fuzzy")

@@ -95,6 +95,21 @@ def test_math_asks_math_verify_for_non_numbers():
     assert grade("math", wrap("1" * 2000), Target("1")) == 0.0  # longer than any closed-form answer
 
 
+def test_math_keeps_hang_prone_answers_from_math_verify(monkeypatch):
+    """Invariant: the generic math reward runs geometry's guard, so an answer built to stall sympy (a huge or
+    nested power, a factorial) is graded wrong without a math-verify call (here any call would fail the test)."""
+    from gpg_vl import mathgrade
+
+    def no_worker():
+        raise AssertionError("math-verify was asked")
+
+    monkeypatch.setattr(mathgrade, "shared_pool", no_worker)
+    mathgrade._verify.cache_clear()
+    for answer in ("9^{999}", "((9^{9})^{9})^{9}", "100!", "\\sqrt{" * 50 + "2" + "}" * 50):
+        assert grade("math", wrap(answer), Target("3")) == 0.0, answer
+    assert grade("math", wrap("3.0 cm"), Target("3")) == 1.0  # plain numbers never need the worker
+
+
 def test_choice_reads_letters_texts_and_options_from_three_places():
     # options in the question: the answer may name the letter or the option text
     assert grade("choice", wrap("square"), Target("(B)", QUESTION)) == 1.0
@@ -171,7 +186,7 @@ def test_weights_make_the_total_and_components_stay_unweighted():
     (components,) = score_batch(rewards, [wrap("(C)")], [Target("(C)", QUESTION)], [{}])
     assert components == {"format": 1.0, "choice": 1.0}
     out = combine(rewards, components)
-    assert out.total == 2.5 and out.as_metrics() == {"reward/total": 2.5, "reward/format": 1.0, "reward/choice": 1.0}
+    assert out.total == 2.5 and out.components == {"format": 1.0, "choice": 1.0}
     assert accuracy_component(rewards) == "choice" and accuracy_component(build_rewards({"format": 1, "iou": 1})) is None
 
 

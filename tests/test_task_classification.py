@@ -14,7 +14,8 @@ from gpg_vl import get_task
 from gpg_vl.data import DataError
 from gpg_vl.images import message_images
 from gpg_vl_tasks._synthetic import COLOURS
-from gpg_vl_tasks.classification import DATASETS, ClassificationTask, class_matches
+from gpg_vl.parsing import answer_matches
+from gpg_vl_tasks.classification import DATASETS, ClassificationTask
 from gpg_vl_tasks.classification_synthetic import CLASSES
 
 FLOWER_QUESTION = "This is an image containing a plant. Please identify the species of the plant based on the image."
@@ -99,7 +100,7 @@ def test_base_prompt_golden_and_row_problem():
         (answer("rose"), 1, 0, 1),  # the paper's rule: 'rose' is inside 'pink primrose'
         (answer("a pink primrose flower"), 1, 0, 1),
         (answer("sunflower"), 1, 0, 0),
-        (answer(""), 1, 0, 1),  # the paper's rule scores an empty answer 1
+        (answer(""), 1, 0, 0),  # the paper's script scores an empty answer 1; an empty answer names nothing here
         ("pink primrose", 0, 0, 0),  # malformed: no answer block, no credit in either mode
         ("", 0, 0, 0),
         ("<answer>pink primrose</answer>", 0, 1, 1),
@@ -115,10 +116,10 @@ def test_score_cases(completion, fmt, exact, contains):
         assert reward.total == fmt + acc
 
 
-def test_class_matches_is_symmetric_under_contains():
-    assert class_matches("pink primrose", "rose", "contains")
-    assert not class_matches("pink primrose", "rose", "exact")
-    assert not class_matches(None, "rose", "contains")
+def test_contains_is_symmetric_and_exact_is_not():
+    assert answer_matches("pink primrose", "rose", "contains") and answer_matches("rose", "pink primrose", "contains")
+    assert not answer_matches("pink primrose", "rose", "exact")
+    assert not answer_matches(None, "rose", "contains")
 
 
 def test_adversarial_and_thousand_scores_are_fast():
@@ -151,10 +152,11 @@ def test_base_style_scores_a_continuation_of_the_think_prefix():
 def test_metrics_hand_computed_exact_vs_contains():
     examples = [example(id=str(i), label=label) for i, label in enumerate(["pink primrose", "lotus", "rose", "tulip"])]
     completions = [answer("Pink Primrose"), answer("water lily"), answer("pink primrose"), "<answer></answer>"]
-    # exact: only the first is right -> 1/4. contains: 1st, 3rd ('rose' in 'pinkprimrose'), 4th (empty) -> 3/4.
+    # exact: only the first is right -> 1/4. contains: 1st, 3rd ('rose' in 'pinkprimrose') -> 2/4; the empty 4th
+    # names nothing (Visual-RFT's script would score it 1).
     # format: the 4th has no think block -> 3/4.
     assert ClassificationTask().metrics(examples, completions) == {"accuracy": 0.25, "format": 0.75}
-    assert ClassificationTask(match="contains").metrics(examples, completions) == {"accuracy": 0.75, "format": 0.75}
+    assert ClassificationTask(match="contains").metrics(examples, completions) == {"accuracy": 0.5, "format": 0.75}
     with pytest.raises(ValueError):
         ClassificationTask().metrics(examples, completions[:2])
 

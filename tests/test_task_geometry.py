@@ -11,12 +11,11 @@ import time
 import pytest
 from PIL import Image
 
-from gpg_vl import get_task, mathverify
+from gpg_vl import get_task, mathgrade, mathverify
 from gpg_vl.data import DataError
 from gpg_vl.images import message_images
+from gpg_vl.mathgrade import grade_r1v, grade_strict, normalize_answer
 from gpg_vl.parsing import extract_answer
-from gpg_vl_tasks import geometry
-from gpg_vl_tasks.geometry import grade_r1v, grade_strict, normalize_answer
 
 QUESTION = (  # row 0 of R1-V's geoqa_test_prompts.jsonl
     "As shown in the figure, in triangle ABC, it is known that angle A = 80.0, angle B = 60.0, DE parallel  BC, "
@@ -186,7 +185,7 @@ def test_scores_off_the_main_thread_equal_the_main_thread():
     completions = [_answer(a) for a in ("\\sqrt{12}", "12/5", "1+\\sqrt{3}", "139", "25\\pi")]
     completions.append("<think>C is 70</think> <answer> 140 </answer>")
     examples = [_example(truths[i % 5]) for i in range(len(completions))]
-    geometry._verify.cache_clear()
+    mathgrade._verify.cache_clear()
     results = {}
 
     def run():
@@ -196,7 +195,7 @@ def test_scores_off_the_main_thread_equal_the_main_thread():
     thread = threading.Thread(target=run)
     thread.start()
     thread.join(timeout=60)
-    geometry._verify.cache_clear()
+    mathgrade._verify.cache_clear()
     assert results["scores"] == [task.score(c, ex).total for c, ex in zip(completions, examples)]
     assert results["metrics"] == task.metrics(examples, completions)
     assert results["scores"] == [2.0, 2.0, 2.0, 1.0, 2.0, 1.0]
@@ -220,15 +219,15 @@ def test_deadline_hitting_answers_are_rejected_before_math_verify():
     # Training scores one completion at a time: N such answers used to cost N x 5 s per step.
     task = get_task("geometry")
     task.score(_answer("2\\sqrt{3}"), _example("2√{3}"))  # the worker's start-up is not what is measured
-    geometry._verify.cache_clear()
+    mathgrade._verify.cache_clear()
     start = time.monotonic()
     rewards = [task.score(c, _example("140°")) for c in DEADLINE_HITTERS]
     assert time.monotonic() - start < 1.0  # before: 8 x 5 s
     assert [r.components["accuracy"] for r in rewards] == [0.0] * len(DEADLINE_HITTERS)
     for answer in (None, "x" * 2000, "1+" * 70 + "1", "{" * 7 + "1" + "}" * 7, "2^{2}^{2}^{2}", "5!"):
-        assert geometry.strict_checkable(answer) is None, answer
+        assert mathgrade.strict_checkable(answer) is None, answer
     for answer in ("140°", "2\\sqrt{3}", "\\frac{25\\pi}{6}", "(\\sqrt{3}+1)小时", "2^{10}"):
-        assert geometry.strict_checkable(answer) is not None, answer
+        assert mathgrade.strict_checkable(answer) is not None, answer
 
 
 def test_a_batch_of_hanging_r1v_outputs_is_bounded_by_the_budget():
@@ -239,7 +238,7 @@ def test_a_batch_of_hanging_r1v_outputs_is_bounded_by_the_budget():
     shared.start()
     start = time.monotonic()
     with pytest.warns(UserWarning, match="budget ran out"):
-        verdicts = geometry.grade_r1v_many(outputs, ["3"] * n, timeout_s=timeout, budget_s=1.5)
+        verdicts = mathgrade.grade_r1v_many(outputs, ["3"] * n, timeout_s=timeout, budget_s=1.5)
     elapsed = time.monotonic() - start
     assert verdicts == [False] * n
     assert elapsed < n * timeout / 2, elapsed  # serially it was n x timeout; start-ups may add a little
@@ -264,13 +263,13 @@ def test_pool_grades_a_batch_on_all_workers_at_once():
 def test_a_worker_that_cannot_start_is_an_error(monkeypatch):
     monkeypatch.setattr(mathverify._Worker, "CODE", "import sys; sys.exit('no module named math_verify (test)')")
     monkeypatch.setattr(mathverify, "_POOL", mathverify.MathVerifyPool(workers=1))
-    geometry._verify.cache_clear()
+    mathgrade._verify.cache_clear()
     with pytest.raises(mathverify.MathVerifyUnavailable, match="(?s)did not start.*exited with code 1.*no module named math_verify"):
         get_task("geometry").score(_answer("2\\sqrt{3}"), _example("2√{3}"))
     with pytest.raises(mathverify.MathVerifyUnavailable):
         grade_r1v("the answer is 3", "3")
     mathverify._POOL.stop()
-    geometry._verify.cache_clear()
+    mathgrade._verify.cache_clear()
 
 
 # ---- loaders ------------------------------------------------------------------------------------
