@@ -63,12 +63,12 @@ def run_trl(completions: int, tokens: int) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from trl import GRPOConfig, GRPOTrainer
 
-    from gpg_vl.builtin import resolve_model_path
+    from gpg_vl.kit import build_builtin
     from gpg_vl.processor import VISION_TOKENS
     sys.path.insert(0, str(HERE))
     from vs_trl import HashRewardTask, hash_reward
 
-    path = resolve_model_path("builtin:2b-shape")
+    path = build_builtin("builtin:2b-shape")
     processor = AutoProcessor.from_pretrained(path, min_pixels=PIXELS, max_pixels=PIXELS)
     processor.chat_template = processor.chat_template or processor.tokenizer.chat_template
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)

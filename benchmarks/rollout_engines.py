@@ -43,11 +43,12 @@ def bench_preset(preset: str, a) -> dict:
     from PIL import Image
 
     from gpg_vl.config import ModelConfig, RolloutConfig
+    from gpg_vl.kit import build_builtin
     from gpg_vl.modeling import load_policy
     from gpg_vl.rollout import SamplingParams, make_engine
 
     pixels = a.image_size**2
-    cfg = ModelConfig(name_or_path=f"builtin:{preset}", dtype="float32", min_pixels=pixels, max_pixels=pixels)
+    cfg = ModelConfig(name_or_path=build_builtin(f"builtin:{preset}"), dtype="float32", min_pixels=pixels, max_pixels=pixels)
     model, processor = load_policy(cfg)
     colours = ["red", "green", "blue", "yellow"]
     prompts = [[{"role": "user", "content": [

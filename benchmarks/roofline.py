@@ -66,12 +66,13 @@ def step_stages(preset: str, a) -> tuple[dict, list[dict]]:
     from PIL import Image
 
     from gpg_vl.config import ModelConfig, RolloutConfig
+    from gpg_vl.kit import build_builtin
     from gpg_vl.modeling import load_policy
     from gpg_vl.prefix import compute_micro_batch_logprobs, continue_forward, prefill
     from gpg_vl.rollout import SamplingParams, make_engine
 
     pixels = a.image_size**2
-    cfg = ModelConfig(name_or_path=f"builtin:{preset}", dtype="float32", min_pixels=pixels, max_pixels=pixels)
+    cfg = ModelConfig(name_or_path=build_builtin(f"builtin:{preset}"), dtype="float32", min_pixels=pixels, max_pixels=pixels)
     model, processor = load_policy(cfg)
     text = model.config.get_text_config()
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -97,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     if args.share or not _is_loopback(args.host):
         print(f"gpg-vl demo: warning: reachable beyond this machine ({'share link' if args.share else args.host}); "
               "anyone who can open it can run the listed checkpoints", file=sys.stderr)
+    from gpg_vl.kit import build_builtin
+
+    for model in args.model:
+        build_builtin(model)  # a builtin:<preset> is built once here, so loading it later only reads a folder
     try:
         app = build_app(args.model, args.run, task=args.task or run_task(args.run), data=args.data, split=args.split)
     except (KeyError, TypeError, ValueError) as e:  # unknown task name or task options

@@ -1,7 +1,8 @@
-"""Built-in model presets (`builtin:<name>`): built once from the offline kit, then cached and loaded like a folder.
+"""Built-in model presets (`builtin:<name>`): the table, and where each one's folder lies once it is built.
 
-This module sits above the kit (`tiny`, `warmup`) and below model loading (`modeling`), so neither imports
-the other back: `modeling.load_policy` asks here for a folder and never builds anything itself.
+Pure lookup with no project imports: `resolve_model_path` maps a preset to its cached folder and never builds
+it. Building (the tiny kit, then a format warm-up for a `-warm` preset) is an explicit step in `gpg_vl.kit`,
+which `gpg-vl make-tiny --builtin NAME`, `gpg-vl train`, `eval` and `demo` call; loading never trains a model.
 """
 
 from __future__ import annotations
@@ -55,27 +56,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("GPG_VL_CACHE", Path.home() / ".cache" / "gpg-vl"))
 
 
+def preset_folder(preset: str) -> Path:
+    """The cache folder of `preset` (built or not); a ModelLoadError names the presets for an unknown one."""
+    if preset not in BUILTINS:
+        names = ", ".join(BUILTIN_PREFIX + k for k in BUILTINS)
+        raise ModelLoadError(f"unknown built-in model {BUILTIN_PREFIX + preset!r}; choose one of {names}")
+    return cache_dir() / f"{preset}-v{KIT_VERSION}"
+
+
+def warm_record(preset: str) -> str | None:
+    """The record a built warm preset keeps of its warm-up (None for a preset without one)."""
+    warm = BUILTINS[preset][2]
+    return json.dumps(asdict(warm), sort_keys=True) if warm else None
+
+
+def is_built(preset: str) -> bool:
+    """The preset's folder is complete, and a warm preset's was built with the warm-up the table names now."""
+    folder, record = preset_folder(preset), warm_record(preset)
+    if not (folder / "config.json").exists():
+        return False
+    return record is None or ((folder / WARM_RECORD).exists() and (folder / WARM_RECORD).read_text() == record)
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """A loadable folder or hub id; `builtin:<preset>` is built (and cached) on first use."""
+    """A loadable folder or hub id: `builtin:<preset>` maps to its cached folder, which must be built already."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return name_or_path
     preset = name_or_path[len(BUILTIN_PREFIX) :]
-    if preset not in BUILTINS:
-        raise ModelLoadError(f"unknown built-in model {name_or_path!r}; choose one of {', '.join(BUILTIN_PREFIX + k for k in BUILTINS)}")
-    arch, size, warm = BUILTINS[preset]
-    folder = cache_dir() / f"{preset}-v{KIT_VERSION}"
-    if warm:
-        # The folder records the warm-up it was built with; a preset whose task or options changed is rebuilt.
-        record, spec = folder / WARM_RECORD, json.dumps(asdict(warm), sort_keys=True)
-        if not (folder / "config.json").exists() or not record.exists() or record.read_text() != spec:
-            from gpg_vl.checkpoint import atomic_write_text
-            from gpg_vl.warmup import make_format_warm
-
-            base = resolve_model_path(BUILTIN_PREFIX + next(k for k, v in BUILTINS.items() if v == (arch, size, None)))
-            make_format_warm(folder, base=base, task=warm.task, task_options=warm.options or None, max_new_tokens=warm.max_new_tokens)
-            atomic_write_text(record, spec)  # last: a build cut short before this is built again next time
-    elif not (folder / "config.json").exists():
-        from gpg_vl.tiny import make_tiny
-
-        make_tiny(folder, arch=arch, preset=size)
-    return str(folder)
+    if not is_built(preset):
+        raise ModelLoadError(
+            f"{name_or_path} is not built yet (or was built with another warm-up) in {cache_dir()}; "
+            f"build it with `gpg-vl make-tiny --builtin {preset}` (gpg-vl train, eval and demo build it themselves)"
+        )
+    return str(preset_folder(preset))

@@ -15,7 +15,7 @@ VERBS = {
     "eval": ("gpg_vl.evaluate", "Evaluate one or more checkpoints on a task with its published metrics."),
     "demo": ("gpg_vl_demo.app", "Open a local web page that compares checkpoints side by side."),
     "tasks": ("gpg_vl.cli", "List the registered tasks."),
-    "make-tiny": ("gpg_vl.cli", "Build a random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder from the offline kit."),
+    "make-tiny": ("gpg_vl.cli", "Build a random-weight Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder, or a builtin preset, from the offline kit."),
 }
 
 
@@ -46,7 +46,11 @@ def _own_arguments(p: argparse.ArgumentParser, verb: str) -> None:
     if verb == "make-tiny":
         from gpg_vl.tiny import ARCHES, PRESETS
 
-        p.add_argument("out", help="folder to write the model to")
+        from gpg_vl.builtin import BUILTINS
+
+        p.add_argument("out", nargs="?", help="folder to write the model to (not with --builtin)")
+        p.add_argument("--builtin", choices=list(BUILTINS), metavar="PRESET",
+                       help=f"build builtin:PRESET into the cache instead (warm presets run their format warm-up): {', '.join(BUILTINS)}")
         p.add_argument("--arch", choices=ARCHES, default="qwen2_vl", help="model family (default: qwen2_vl)")
         p.add_argument("--preset", choices=list(PRESETS), default="tiny", help="sizes: tiny (~0.8M params), small-20m (benchmarks), 2b-shape (Qwen2-VL-2B widths and vocabulary, 2+2 layers)")
         p.add_argument("--seed", type=int, default=0, help="weight and tokenizer seed (same seed, same folder)")
@@ -65,6 +69,14 @@ def run_tasks(args) -> int:
 
 
 def run_make_tiny(args) -> int:
+    if (args.out is None) == (args.builtin is None):
+        print("gpg-vl make-tiny: error: give either OUT (a folder to write) or --builtin PRESET", file=sys.stderr)
+        return 2
+    if args.builtin:
+        from gpg_vl.kit import build_builtin
+
+        print(f"builtin:{args.builtin} is in {build_builtin('builtin:' + args.builtin)}")
+        return 0
     from gpg_vl.tiny import make_tiny
 
     path = make_tiny(args.out, arch=args.arch, preset=args.preset, seed=args.seed)

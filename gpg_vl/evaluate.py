@@ -194,7 +194,8 @@ def process_place() -> tuple[int, int]:
 
 def run(args) -> int:
     """Evaluate every --model in turn; 0 when all were evaluated, 1 when any failed (the others still are)."""
-    from gpg_vl.modeling import ModelLoadError, resolve_model_path
+    from gpg_vl.kit import build_builtin
+    from gpg_vl.modeling import ModelLoadError
     from gpg_vl.rollout import SamplingParams
 
     model_cfg, rollout_cfg = engine_configs(args)
@@ -217,7 +218,7 @@ def run(args) -> int:
     failures: dict[str, str] = {}
     for name, model in zip(unique_model_names(args.model), args.model):
         try:
-            path = resolve_model_path(model)  # builds a builtin preset on first use
+            path = build_builtin(model)  # a builtin preset is built on first use; a folder or hub id is as given
             # the budget each checkpoint was trained with: builtin tiny models 56x56..112x112, Qwen2-VL its own
             budget = pixel_budget(path, model_cfg.min_pixels, model_cfg.max_pixels)
         except ModelLoadError as e:

@@ -38,7 +38,8 @@ from gpg_vl.logger import RunLogger
 from gpg_vl.prefix import compute_micro_batch_logprobs
 from gpg_vl.threads import configure_threads
 from gpg_vl.lora import adapter_state_dict, base_model, is_lora, load_adapter_state_dict, merged_state_dict
-from gpg_vl.modeling import check_model_source, describe_parameters, load_policy, resolve_model_path, torch_dtype
+from gpg_vl.kit import build_builtin
+from gpg_vl.modeling import check_model_source, describe_parameters, load_policy, torch_dtype
 from gpg_vl.recipes import add_arguments, config_from_args, config_to_yaml  # noqa: F401 (add_arguments: the `train` verb's CLI)
 from gpg_vl.registry import get_task
 from gpg_vl.rollout import SamplingParams, make_engine
@@ -179,7 +180,7 @@ def train(cfg: Config) -> dict:
 
     # Task and data (a hub model that cannot be loaded fails here, before any data is read)
     with accelerator.local_main_process_first():  # a builtin preset is built once per machine, not by every rank
-        check_model_source(resolve_model_path(cfg.model.name_or_path))
+        check_model_source(build_builtin(cfg.model.name_or_path))  # the explicit build step (gpg_vl.kit)
     task = get_task(cfg.task.name, **cfg.task.options)
     train_examples = task.load(cfg.task.train_data, cfg.task.train_split)
     if cfg.train.train_limit:

@@ -317,7 +317,7 @@ def test_bad_options_fail_in_one_line_before_any_model_loads(monkeypatch, tmp_pa
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded despite a bad option")
 
-    monkeypatch.setattr("gpg_vl.modeling.resolve_model_path", no_model)
+    monkeypatch.setattr("gpg_vl.kit.build_builtin", no_model)
     monkeypatch.setattr("gpg_vl.modeling.load_policy", no_model)
     assert main(eval_args("builtin:tiny", tmp_path, *extra)) == 2
     err = capsys.readouterr().err

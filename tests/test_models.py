@@ -8,16 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from gpg_vl.builtin import resolve_model_path
 from gpg_vl.cli import main
 from gpg_vl.config import ModelConfig
+from gpg_vl.kit import build_builtin
 from gpg_vl.modeling import ModelLoadError, load_policy
 from test_trainer import args_for, rows, weights
 
 
 @pytest.mark.parametrize("preset, arch, factor", [("tiny-qwen2_5_vl", "qwen2_5_vl", 28), ("tiny-qwen3_vl", "qwen3_vl", 32)])
 def test_family_trains_through_the_cli(preset, arch, factor, tmp_path):
-    folder = resolve_model_path(f"builtin:{preset}")
+    folder = build_builtin(f"builtin:{preset}")
     model, processor = load_policy(ModelConfig(name_or_path=folder))
     assert model.config.model_type == arch and processor.image_factor == factor
     out = tmp_path / preset
@@ -34,7 +34,7 @@ def test_images_are_resized_onto_the_processors_patch_grid():
     from PIL import Image
 
     for preset, factor in (("tiny", 28), ("tiny-qwen3_vl", 32)):
-        _, processor = load_policy(ModelConfig(name_or_path=f"builtin:{preset}"))
+        _, processor = load_policy(ModelConfig(name_or_path=build_builtin(f"builtin:{preset}")))
         messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (100, 70))}]}]
         image = processor.resize(messages)[0]["content"][0]["image"]
         assert image.width % factor == 0 and image.height % factor == 0

@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from gpg_vl.cli import main
 from gpg_vl.config import ModelConfig
+from gpg_vl.kit import build_builtin
 from gpg_vl.modeling import ModelLoadError, load_policy, resolve_model_path
 from gpg_vl.tiny import SPECIAL_TOKENS, make_tiny
 
@@ -62,14 +63,21 @@ def test_tokenizer_has_qwen_specials_and_chat_template(tiny_model_dir):
     assert cont.endswith("<|im_start|>assistant\n<think>")
 
 
-def test_make_tiny_cli_and_builtin_preset(tmp_path, capsys):
+def test_make_tiny_cli_and_builtin_preset(tmp_path, capsys, monkeypatch):
+    """make-tiny writes a folder, or builds a builtin preset into the cache; loading a preset never builds it."""
+    monkeypatch.setenv("GPG_VL_CACHE", str(tmp_path / "cache"))  # an empty cache, whatever ran before
     assert main(["make-tiny", str(tmp_path / "m"), "--arch", "qwen2_5_vl"]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert "qwen2_5_vl" in capsys.readouterr().out
-    path = resolve_model_path("builtin:tiny")
-    assert resolve_model_path("builtin:tiny") == path  # built once, then cached
-    with pytest.raises(ModelLoadError, match="builtin:tiny-warm"):
-        resolve_model_path("builtin:huge")
+    with pytest.raises(ModelLoadError, match=r"builtin:tiny-qwen3_vl is not built yet .*gpg-vl make-tiny --builtin tiny-qwen3_vl"):
+        load_policy(ModelConfig(name_or_path="builtin:tiny-qwen3_vl"))  # loading never builds
+    assert main(["make-tiny", "--builtin", "tiny-qwen3_vl"]) == 0
+    path = resolve_model_path("builtin:tiny-qwen3_vl")
+    assert path in capsys.readouterr().out and build_builtin("builtin:tiny-qwen3_vl") == path  # built once, then cached
+    assert main(["make-tiny"]) == 2 and "give either OUT" in capsys.readouterr().err
+    for lookup in (resolve_model_path, build_builtin):
+        with pytest.raises(ModelLoadError, match="builtin:tiny-warm"):
+            lookup("builtin:huge")
 
 
 def test_bad_model_paths_fail_clearly(tmp_path):
@@ -124,7 +132,8 @@ def test_pixel_budget_defaults_to_the_one_saved_with_the_model(tiny_model_dir, t
 
 def test_a_warm_preset_is_rebuilt_when_its_warm_up_changes(tmp_path, monkeypatch):
     """A cached warm preset is reused only if it was built with the same WarmUp (task, options, tokens);
-    after a change, or from a folder with no record of its warm-up, it is built again."""
+    after a change, or from a folder with no record of its warm-up, it is built again (and until then
+    `resolve_model_path` refuses the stale folder instead of loading it)."""
     import gpg_vl.tiny
     import gpg_vl.warmup
     from gpg_vl import builtin
@@ -141,10 +150,13 @@ def test_a_warm_preset_is_rebuilt_when_its_warm_up_changes(tmp_path, monkeypatch
     monkeypatch.setattr(gpg_vl.tiny, "make_tiny", fake_build)
     monkeypatch.setattr(gpg_vl.warmup, "make_format_warm", fake_build)
     monkeypatch.setitem(builtin.BUILTINS, "tiny-warm-x", ("qwen2_vl", "tiny", builtin.WarmUp("lisa", {"synthetic_easy": True})))
-    folder = resolve_model_path("builtin:tiny-warm-x")
-    assert resolve_model_path("builtin:tiny-warm-x") == folder and builds == ["tiny", {"synthetic_easy": True}]
+    folder = build_builtin("builtin:tiny-warm-x")
+    assert build_builtin("builtin:tiny-warm-x") == folder and builds == ["tiny", {"synthetic_easy": True}]
+    assert resolve_model_path("builtin:tiny-warm-x") == folder
     monkeypatch.setitem(builtin.BUILTINS, "tiny-warm-x", ("qwen2_vl", "tiny", builtin.WarmUp("lisa", {"synthetic_easy": False})))
-    assert resolve_model_path("builtin:tiny-warm-x") == folder and builds[-1] == {"synthetic_easy": False}
+    with pytest.raises(ModelLoadError, match="another warm-up"):
+        resolve_model_path("builtin:tiny-warm-x")
+    assert build_builtin("builtin:tiny-warm-x") == folder and builds[-1] == {"synthetic_easy": False}
     (Path(folder) / builtin.WARM_RECORD).unlink()  # a cache built before records existed
-    resolve_model_path("builtin:tiny-warm-x")
-    assert len(builds) == 4 and resolve_model_path("builtin:tiny-warm-x") == folder and len(builds) == 4
+    build_builtin("builtin:tiny-warm-x")
+    assert len(builds) == 4 and build_builtin("builtin:tiny-warm-x") == folder and len(builds) == 4

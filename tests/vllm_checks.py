@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from gpg_vl.config import LoraConfig, ModelConfig, RolloutConfig
+from gpg_vl.kit import build_builtin
 from gpg_vl.logprobs import compute_token_logprobs
 from gpg_vl.modeling import load_policy
 from gpg_vl.rollout import SamplingParams, make_engine
@@ -55,7 +56,7 @@ def main(arch: str, out: str) -> None:
     torch.manual_seed(0)
     lora = LoraConfig(r=4, alpha=8) if arch == "lora" else LoraConfig()
     name = "builtin:tiny-h32" if arch in ("qwen2_vl", "lora") else f"builtin:tiny-h32-{arch}"
-    cfg = ModelConfig(name_or_path=name, dtype="float32", lora=lora)
+    cfg = ModelConfig(name_or_path=build_builtin(name), dtype="float32", lora=lora)
     model, processor = load_policy(cfg)
     # building the engine must leave the trainer's generators and thread count as they were
     set_num_threads = torch.set_num_threads
