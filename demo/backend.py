@@ -15,7 +15,8 @@ import pandas as pd
 from PIL import Image
 
 from gpg_vl.registry import get_task
-from gpg_vl.rollout import SamplingParams
+from gpg_vl.config import RolloutConfig
+from gpg_vl.rollout import sampling_params
 
 from . import inspector, runs
 from .boxes import draw_boxes, enlarged, is_grounding, truth_in_pixels
@@ -172,7 +173,8 @@ class DemoBackend:
                 prompt, where = example_prompt(task, self.examples[index]), f"example {index}"
         except UploadError as e:
             return _refused(str(e))
-        params = SamplingParams(
+        params = sampling_params(  # top_p and top_k as in training's defaults
+            RolloutConfig(),
             n=1,
             temperature=0.0 if greedy else max(float(temperature), 1e-3),
             max_new_tokens=max_new_tokens,

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpg_vl.atomic import atomic_write_text
-from gpg_vl.config import ConfigError, ModelConfig, RolloutConfig, load_config, parse_override
+from gpg_vl.config import DTYPES, ConfigError, ModelConfig, RolloutConfig, load_config, parse_override
 from gpg_vl.data import DataError
 from gpg_vl.generation import broadcast_from_main, gather_to_all, generate_batch
-from gpg_vl.generation import evaluate_completions  # noqa: F401  (the README names gpg_vl.evaluate.evaluate_completions)
 from gpg_vl.records import (
     COMPARISON_MD, COMPARISON_PNG, RECORDS, RUN_JSON, append_records, example_ids, load_records, make_record,
     unique_model_names,
@@ -35,8 +34,7 @@ from gpg_vl.task import Task
 if TYPE_CHECKING:
     from gpg_vl.rollout import RolloutEngine, SamplingParams
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Flags that are shorthands for config fields; a `section.key=value` override of the same field wins.
+# Flags that are shorthands for config fields: each becomes that override, and a `section.key=value` one wins.
 FLAG_FIELDS = {"dtype": "model.dtype", "min_pixels": "model.min_pixels", "max_pixels": "model.max_pixels",
                "engine": "rollout.engine", "max_new_tokens": "rollout.max_new_tokens"}  # fmt: skip
 # Config fields that have an eval flag of their own (or no meaning here).
@@ -79,9 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
 
 
 def engine_configs(args) -> tuple[ModelConfig, RolloutConfig]:
-    """The training config's model and rollout sections for eval: defaults, then `section.key=value`
-    overrides (unknown keys, wrong types and out-of-range values fail as they do for `gpg-vl train`), then
-    the flags for the fields no override set. The temperature is eval's own: 0 (greedy) is valid here."""
+    """The training config's model and rollout sections for eval: defaults, then each flag of FLAG_FIELDS
+    written as the override it stands for, then the `section.key=value` overrides (which win). One validation,
+    the training config's, checks them all; an error in a flag's value names the flag. The temperature is
+    eval's own: 0 (greedy) is valid here."""
+    check_flags(args)
     overrides, temperature = [], args.temperature
     for text in args.overrides:
         key, value = parse_override(text)
@@ -95,39 +95,37 @@ def engine_configs(args) -> tuple[ModelConfig, RolloutConfig]:
             temperature = value  # training refuses 0 (no step would train); eval defaults to it
         else:
             raise ConfigError(f"override {text!r}: 'rollout.temperature' must be float, got {value!r}")
-    cfg = load_config(None, overrides)
     given = {parse_override(text)[0] for text in overrides}
-    for flag, key in FLAG_FIELDS.items():
-        section, name = key.split(".")
-        if getattr(args, flag) is not None and key not in given:
-            setattr(getattr(cfg, section), name, getattr(args, flag))
+    flags = {key: flag for flag, key in FLAG_FIELDS.items() if getattr(args, flag) is not None and key not in given}
+    as_overrides = [f"{key}={getattr(args, flag)}" for key, flag in flags.items()]
+    if "rollout.batch_size" not in given:  # one engine call per batch of prompts
+        as_overrides.append(f"rollout.batch_size={args.batch_size * args.num_samples}")
+    try:
+        cfg = load_config(None, as_overrides + overrides)
+    except ConfigError as e:
+        if e.key not in flags:
+            raise
+        problem = str(e).split(": ", 1)[-1].removeprefix(e.key + " ")  # "must be >= 1, got 0"
+        raise ConfigError(f"--{flags[e.key].replace('_', '-')} {problem}", e.key) from None
     cfg.rollout.temperature = float(temperature or 0.0)
-    if "rollout.batch_size" not in given:
-        cfg.rollout.batch_size = args.batch_size * args.num_samples  # one engine call per batch of prompts
     return cfg.model, cfg.rollout
 
 
-def check_args(args, model_cfg: ModelConfig, rollout_cfg: RolloutConfig) -> None:
-    """One-line errors for options that cannot work, before any data or model is loaded."""
-    from gpg_vl.rollout import ENGINES
-
-    if rollout_cfg.engine not in ENGINES:
-        raise ConfigError(f"--engine {rollout_cfg.engine!r} is unknown; choose one of {', '.join(ENGINES)}")
-    if rollout_cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:  # say so once, not once per model
-        raise ConfigError("--engine vllm needs vLLM, which is not installed: `pip install 'gpg-vl[vllm]'` on a CUDA machine, or run .venv-vllm/bin/gpg-vl after `make setup-vllm`")
-    if model_cfg.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype {model_cfg.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-    for name, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size),
-                        ("--max-new-tokens", rollout_cfg.max_new_tokens), ("rollout.batch_size", rollout_cfg.batch_size)):  # fmt: skip
+def check_flags(args) -> None:
+    """One-line errors for eval's own flags (no config field holds them)."""
+    for name, value in (("--num-samples", args.num_samples), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    pixels = [v for v in (model_cfg.min_pixels, model_cfg.max_pixels) if v is not None]
-    if any(v < 1 for v in pixels) or (len(pixels) == 2 and pixels[0] > pixels[1]):
-        raise ConfigError(f"--min-pixels and --max-pixels must be >= 1 with min <= max, got {pixels}")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    if rollout_cfg.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {rollout_cfg.temperature}")
+    if args.temperature is not None and args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+
+
+def check_args(args, model_cfg: ModelConfig, rollout_cfg: RolloutConfig) -> None:
+    """One-line errors for settings the config accepts but eval cannot run, before any data or model is loaded."""
+    if rollout_cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:  # say so once, not once per model
+        raise ConfigError("--engine vllm needs vLLM, which is not installed: `pip install 'gpg-vl[vllm]'` on a CUDA machine, or run .venv-vllm/bin/gpg-vl after `make setup-vllm`")
     if args.num_samples > 1 and rollout_cfg.temperature <= 0:
         raise ConfigError("--num-samples > 1 needs --temperature > 0: greedy decoding gives the same completion every time")
 
@@ -196,7 +194,7 @@ def run(args) -> int:
     """Evaluate every --model in turn; 0 when all were evaluated, 1 when any failed (the others still are)."""
     from gpg_vl.kit import build_builtin
     from gpg_vl.modeling import ModelLoadError
-    from gpg_vl.rollout import SamplingParams
+    from gpg_vl.rollout import sampling_params
 
     model_cfg, rollout_cfg = engine_configs(args)
     check_args(args, model_cfg, rollout_cfg)
@@ -211,8 +209,7 @@ def run(args) -> int:
     rank, world = process_place()
     shared = EvalRun(task, examples, example_ids(task, examples), model_cfg, rollout_cfg, args.batch_size, rank, world)
     rc = rollout_cfg
-    sampling = SamplingParams(n=args.num_samples, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
-                              max_new_tokens=rc.max_new_tokens, seed=args.seed)  # fmt: skip
+    sampling = sampling_params(rc, n=args.num_samples, seed=args.seed)  # its temperature is eval's (0: greedy)
     output = Path(args.output)
     results: dict[str, dict] = {}
     failures: dict[str, str] = {}

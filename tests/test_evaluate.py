@@ -304,7 +304,8 @@ BAD_OPTIONS = [
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
     (["--task-option", "colour=red"], "'colour'"),  # the task's own words for an unknown option
     (["--task-option", "questions"], "must look like dotted.key=value"),
-    (["--engine", "nope"], "--engine 'nope' is unknown"),
+    (["--engine", "nope"], "--engine must be one of hf, vllm; got 'nope'"),
+    (["--dtype", "float32", "--min-pixels", "0"], "--min-pixels must be >= 1, got 0"),
     (["model.dtpye=bfloat16"], "unknown key 'model.dtpye'"),
     (["rollout.temperature=hot"], "'rollout.temperature' must be float"),
     (["train.max_steps=3"], "takes model.* and rollout.* keys only"),
@@ -324,6 +325,18 @@ def test_bad_options_fail_in_one_line_before_any_model_loads(monkeypatch, tmp_pa
     assert err.startswith("gpg-vl eval: error: ") and err.count("\n") == 1, err
     assert message in err
     assert not any(tmp_path.iterdir())  # nothing written either
+
+
+def test_flags_are_overrides_validated_once_and_an_explicit_override_wins():
+    """Invariant: a flag is the override it stands for (checked by the training config's validation), and a
+    `section.key=value` of the same field replaces it before validation, so a bad flag it replaces is no error."""
+    from gpg_vl.cli import build_parser
+    from gpg_vl.evaluate import engine_configs
+
+    base = ["eval", "--task", "shapes", "--model", "m", "--output", "o"]
+    args = build_parser("eval").parse_args([*base, "--max-new-tokens", "0", "--dtype", "float32", "rollout.max_new_tokens=8"])
+    model_cfg, rollout_cfg = engine_configs(args)
+    assert rollout_cfg.max_new_tokens == 8 and model_cfg.dtype == "float32" and rollout_cfg.temperature == 0.0
 
 
 def test_no_evaluable_example_fails_with_the_reason(monkeypatch, checkpoints, tmp_path, capsys):
@@ -350,7 +363,7 @@ def test_config_overrides_reach_the_engine_and_win_over_flags(monkeypatch, check
     engine = ScriptedEngine(scripted_answers(examples, [[RIGHT.format(e["answer"])] * 2 for e in examples]))
     built = {}
 
-    def factory(model, processor, rollout_cfg, model_cfg):
+    def factory(model, processor, rollout_cfg, model_cfg, max_new_tokens=None):
         built.update(rollout=rollout_cfg, model=model_cfg, dtype=next(model.parameters()).dtype)
         return engine
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpg_vl.rollout.base import Rollout, RolloutEngine, SamplingParams
+from gpg_vl.rollout.base import Rollout, RolloutEngine, SamplingParams, sampling_params
 
 
 def _make_hf(model, processor, rollout_cfg, model_cfg, max_new_tokens=None):
@@ -35,4 +35,4 @@ def make_engine(name: str, model, processor, rollout_cfg, model_cfg, max_new_tok
     return ENGINES[name](model, processor, rollout_cfg, model_cfg, max_new_tokens)
 
 
-__all__ = ["ENGINES", "Rollout", "RolloutEngine", "SamplingParams", "make_engine"]
+__all__ = ["ENGINES", "Rollout", "RolloutEngine", "SamplingParams", "make_engine", "sampling_params"]

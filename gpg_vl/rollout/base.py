@@ -6,6 +6,7 @@ The trainer, `gpg-vl eval` and the demo talk to engines only through `RolloutEng
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,6 +27,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+
+def sampling_params(rollout_cfg, **changes) -> SamplingParams:
+    """The one place SamplingParams is built from a `RolloutConfig`: n = group_size, its temperature, top_p,
+    top_k and max_new_tokens, then `changes` on top (a seed; eval's n, greedy temperature or token limit)."""
+    params = SamplingParams(n=rollout_cfg.group_size, temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                            top_k=rollout_cfg.top_k, max_new_tokens=rollout_cfg.max_new_tokens)  # fmt: skip
+    return dataclasses.replace(params, **changes)
 
 
 @dataclass
