@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 # torch and torchvision must come as a matching pair: this pair is on PyPI (CUDA build, runs on the CPU too).
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup setup-vllm quickstart test browser-deps clean
+.PHONY: setup setup-vllm quickstart test test-fast browser-deps clean
 
 $(BIN)/gpg-vl: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,10 @@ browser-deps:
 
 test: setup setup-vllm browser-deps
 	$(BIN)/pytest -q
+
+# The fast tier: everything but the end-to-end runs marked slow (no vLLM environment or browser needed to start).
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

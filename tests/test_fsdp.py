@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from test_trainer import args_for, rows, weights
+from conftest import args_for, free_port, rows, weights
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,8 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tiny_model_dir, tmp_path):
 
     shutil.copytree(tiny_model_dir, tmp_path.parent / "model", dirs_exist_ok=True)
     common = ["train.max_steps=3", "checkpoint.save_every=1", "checkpoint.keep_last=3", "optim.lr=1e-3", "optim.micro_batch_size=3"]
-    ddp = launch(tmp_path, "ddp", *common, port=29541)
-    fsdp = launch(tmp_path, "fsdp", *common, "train.sharding=fsdp", port=29542)
+    ddp = launch(tmp_path, "ddp", *common, port=free_port())
+    fsdp = launch(tmp_path, "fsdp", *common, "train.sharding=fsdp", port=free_port())
     # every rank held about half of every parameter
     for line in (tmp_path / "fsdp.shards").read_text().splitlines():
         local, full = map(int, line.split())
@@ -62,8 +62,8 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tiny_model_dir, tmp_path):
     for k in wa:  # Adam's early steps are ~lr*sign(g): float noise can flip a near-zero coordinate, no more
         assert torch.allclose(wa[k], wb[k], atol=3 * 2 * 1e-3), k
     # exact resume: 2 steps, then --resume to 3, equals the straight 3-step FSDP run bit for bit
-    split = launch(tmp_path, "split", *common, "train.sharding=fsdp", "train.max_steps=2", port=29543)
-    resumed = launch(tmp_path, "split", *common, "train.sharding=fsdp", "--resume", port=29544)
+    split = launch(tmp_path, "split", *common, "train.sharding=fsdp", "train.max_steps=2", port=free_port())
+    resumed = launch(tmp_path, "split", *common, "train.sharding=fsdp", "--resume", port=free_port())
     assert resumed == split
     wc = weights(split / "checkpoint-3")
     assert all(torch.equal(wb[k], wc[k]) for k in wb), "FSDP resume must equal the uninterrupted run"

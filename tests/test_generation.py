@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from conftest import free_port
 from gpg_vl.cli import main
 from gpg_vl.config import load_config
 from gpg_vl.generation import gather_to_all, shard_bounds
@@ -49,6 +50,7 @@ state = PartialState(cpu=True)
 rank, world = state.process_index, state.num_processes
 out, model_dir, eval_args = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 
+from conftest import free_port
 from gpg_vl.cli import main
 from gpg_vl.config import load_config
 from gpg_vl.images import message_images
@@ -93,7 +95,7 @@ def two_ranks(tiny_model_dir, tmp_path_factory):
     script = out / "two_ranks.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(script), str(out), str(tiny_model_dir), json.dumps(EVAL_ARGS)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

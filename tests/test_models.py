@@ -12,7 +12,7 @@ from gpg_vl.cli import main
 from gpg_vl.config import ModelConfig
 from gpg_vl.kit import build_builtin
 from gpg_vl.modeling import ModelLoadError, load_policy
-from test_trainer import args_for, rows, weights
+from conftest import args_for, rows, weights
 
 
 @pytest.mark.parametrize("preset, arch, factor", [("tiny-qwen2_5_vl", "qwen2_5_vl", 28), ("tiny-qwen3_vl", "qwen3_vl", 32)])

@@ -81,15 +81,7 @@ def rloo_loss(logprobs, advantages, mask, **_):
 '''
 
 
-def forget_algorithm(name):
-    from gpg_vl import algorithms
-
-    for table in (algorithms.ADVANTAGE_ESTIMATORS, algorithms.DEFAULT_STD_NORMALIZE, algorithms.ADVANTAGE_OPTIONS,
-                  algorithms.POLICY_LOSSES, algorithms.DEFAULT_LOSS_AGG, algorithms.LOSS_OPTIONS):
-        table.pop(name, None)
-
-
-def test_a_fourth_algorithm_from_a_plugin_file_trains_through_the_cli(tmp_path):
+def test_a_fourth_algorithm_from_a_plugin_file_trains_through_the_cli(tmp_path, restore_algorithms):
     import json
     import math
     import sys
@@ -116,13 +108,12 @@ def test_a_fourth_algorithm_from_a_plugin_file_trains_through_the_cli(tmp_path):
         saved = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
         assert saved["algorithm"]["name"] == "rloo" and saved["algorithm"]["loss_agg"] == "seq_mean"  # its default
     finally:
-        forget_algorithm("rloo")
         for name in set(sys.modules) - modules:
             if name.startswith("gpg_vl_user_task_"):
                 del sys.modules[name]
 
 
-def test_an_algorithm_offered_by_entry_point_is_loaded_when_named(tmp_path, monkeypatch):
+def test_an_algorithm_offered_by_entry_point_is_loaded_when_named(tmp_path, monkeypatch, restore_algorithms):
     from importlib.metadata import EntryPoint
 
     from gpg_vl import algorithms, registry
@@ -135,9 +126,27 @@ def test_an_algorithm_offered_by_entry_point_is_loaded_when_named(tmp_path, monk
     monkeypatch.setattr(registry, "entry_points",
                         lambda group: offered if group == registry.ALGORITHM_ENTRY_POINT_GROUP else real(group=group))
     try:
-        assert "ep_rloo" in registry.available_algorithms() and "ep_rloo" not in algorithms.POLICY_LOSSES
+        assert "ep_rloo" in registry.available_algorithms() and "ep_rloo" not in algorithms.available_algorithms()
         cfg = load_config(None, ["algorithm.name=ep_rloo"])  # importing the entry point registered it
         assert cfg.algorithm.loss_agg == "seq_mean" and "ep_rloo" in algorithms.available_algorithms()
     finally:
-        forget_algorithm("ep_rloo")
         monkeypatch.delitem(__import__("sys").modules, "ep_algos", raising=False)
+
+
+def test_algorithms_registered_in_a_test_are_forgotten_after_it(tmp_path):
+    """Invariant: `algorithms_restored` (behind the `restore_algorithms` fixture of the two tests above) removes
+    an algorithm registered inside it from every table, and keeps the built-in ones."""
+    import sys
+
+    from conftest import algorithms_restored
+    from gpg_vl import algorithms, registry
+
+    before, modules = algorithms.available_algorithms(), set(sys.modules)
+    (tmp_path / "rloo_algos.py").write_text(RLOO.replace('"rloo"', '"tmp_rloo"'))
+    with algorithms_restored():
+        registry.import_plugin(str(tmp_path / "rloo_algos.py"))
+        assert "tmp_rloo" in algorithms.available_algorithms()
+    for name in set(sys.modules) - modules:  # the plugin file's module, imported once per process
+        del sys.modules[name]
+    assert algorithms.available_algorithms() == before and "gpg" in before
+    assert not any("tmp_rloo" in t for t in vars(algorithms).values() if isinstance(t, dict))

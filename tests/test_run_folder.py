@@ -25,7 +25,7 @@ from gpg_vl.checkpoint import (
 from gpg_vl.cli import main
 from gpg_vl.config import ConfigError
 from gpg_vl.logger import RunLogger
-from test_trainer import args_for, rows, weights
+from conftest import args_for, rows, weights
 
 
 def make_run(folder: Path, steps=(1, 2, 3)) -> Path:

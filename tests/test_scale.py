@@ -13,7 +13,7 @@ from gpg_vl.cli import main
 from gpg_vl.config import LoraConfig, ModelConfig
 from gpg_vl.logprobs import compute_token_logprobs
 from gpg_vl.modeling import describe_parameters, load_policy, resolve_attn_implementation, vision_tower
-from test_trainer import args_for, rows, weights
+from conftest import args_for, rows, weights
 
 LORA = ["model.lora={r: 4, alpha: 8}"]
 

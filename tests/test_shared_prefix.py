@@ -82,7 +82,7 @@ def test_micro_batches_keep_the_count_and_sort_by_length():
 
 
 def test_trainer_step_is_the_same_with_and_without_the_shared_prefix(tiny_model_dir, tmp_path):
-    from test_trainer import args_for, rows as metrics
+    from conftest import args_for, rows as metrics
     from gpg_vl.cli import main
 
     common = ("train.max_steps=1", "optim.micro_batch_size=5", "optim.max_grad_norm=0")

@@ -6,37 +6,13 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from conftest import args_for, free_port, rows, weights
 from gpg_vl.checkpoint import CheckpointError
 from gpg_vl.cli import main
-
-TASK = f"{Path(__file__).parent / 'scripted_task.py'}:ScriptedTask"
-
-
-def args_for(model_dir, out, *extra):
-    return [
-        "train", f"task.name={TASK}",
-        f"model.name_or_path={model_dir}", "model.min_pixels=3136", "model.max_pixels=3136",
-        "task.train_data=synthetic:64", "task.options={image_size: 56}",
-        "rollout.group_size=4", "rollout.max_new_tokens=6", "train.prompts_per_step=4",
-        "optim.lr=1e-2", "optim.micro_batch_size=16", "train.max_steps=2",
-        f"train.output_dir={out}", "eval.at_end=false", "logging.progress_bar=false",
-        "logging.tensorboard=false", "logging.sample_every=1", "checkpoint.save_every=0", *extra,
-    ]
-
-
-def weights(folder) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(folder) / "model.safetensors"))
-
-
-def rows(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
 
 def test_two_step_smoke_run_changes_every_parameter(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
@@ -55,6 +31,21 @@ def test_two_step_smoke_run_changes_every_parameter(tiny_model_dir, tmp_path):
     AutoModelForImageTextToText.from_pretrained(out / "checkpoint-2")
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
     assert (out / sample["image"]).is_file() and len(sample["completions"]) == 4
+
+
+def test_grpo_with_kl_and_two_iterations_trains(tiny_model_dir, tmp_path):
+    """grpo with a reference model (kl_coef > 0) and two optimizer steps per rollout (num_iterations = 2).
+    Invariants: the loss is finite and the weights change; the second iteration runs on the updated policy,
+    so its ratio to the rollout policy is no longer 1 (the logged mean over both iterations differs from 1)
+    and its KL to the frozen reference is above 0 (the first iteration's is exactly 0: policy = reference)."""
+    out = tmp_path / "run"
+    assert main(args_for(tiny_model_dir, out, "algorithm.name=grpo", "algorithm.kl_coef=0.1",
+                         "algorithm.num_iterations=2", "checkpoint.save_every=2")) == 0  # fmt: skip
+    log = rows(out)
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) and r["skipped"] == 0 for r in log)
+    assert all(r["loss/kl"] > 0 and abs(r["loss/ratio_mean"] - 1) > 1e-6 for r in log), log
+    before, after = weights(tiny_model_dir), weights(out / "checkpoint-2")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_step_with_only_equal_rewards_is_skipped(tiny_model_dir, tmp_path):
@@ -141,7 +132,7 @@ def test_two_processes_stay_in_sync(tiny_model_dir, tmp_path):
         "train(cfg)\n"
     )
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", str(script), str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     h0, h1 = (tmp_path / "rank0.txt").read_text(), (tmp_path / "rank1.txt").read_text()
