@@ -20,7 +20,7 @@ from gpg_vl.errors import ConfigError
 from gpg_vl.mathgrade import grade_strict
 from gpg_vl.parsing import LETTERS, answer_matches, extract_answer, format_ok, match_choice, normalise_answer
 from gpg_vl.task import RewardOutput
-from gpg_vl_tasks._boxes import Box, box_giou, box_iou, clip_box, parse_list_box, parse_point_pair_box
+from gpg_vl.boxes import Box, box_giou, box_iou, clip_box, parse_list_box, parse_point_pair_box
 
 KEY = "task.options.rewards"
 _GOLD_LETTER = re.compile(r"\(?\s*([A-Za-z])\s*\)?\.?")

@@ -20,7 +20,7 @@ from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref,
 from gpg_vl.images import smart_resize
 from gpg_vl.parsing import extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
-from gpg_vl_tasks._boxes import (
+from gpg_vl.boxes import (
     Box,
     box_giou,
     box_iou,

@@ -12,7 +12,7 @@ from PIL import Image
 from gpg_vl import get_task
 from gpg_vl.data import DataError
 from gpg_vl.images import message_images, smart_resize as qwen2vl_resized_size
-from gpg_vl_tasks._boxes import box_giou, box_iou, clip_box
+from gpg_vl.boxes import box_giou, box_iou, clip_box
 from gpg_vl_tasks._synthetic import COLOURS
 
 TARGET = [100.0, 200.0, 300.0, 400.0]  # a 200 x 200 box; on LISA's 0-1000 scale or in RefCOCO pixels

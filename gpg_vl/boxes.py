@@ -1,4 +1,4 @@
-"""Boxes for the grounding tasks: parsing, clipping, IoU/GIoU, Qwen2-VL's resize rule and the metrics.
+"""Box geometry for grounding tasks and the `iou`/`giou` rewards: parsing, clipping, IoU/GIoU, rescaling, metrics.
 
 A box is a tuple (x1, y1, x2, y2) of floats. Parsers return the numbers as written (possibly inverted or
 outside the image); `clip_box` turns them into a usable box or None, so a bad box scores 0 instead of
