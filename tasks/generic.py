@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gpg_vl.config import ConfigError
+from gpg_vl.errors import ConfigError
 from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref, synthetic_spec, to_pil
 from gpg_vl.parsing import LETTERS, THINK_ANSWER_INSTRUCTION
 from gpg_vl.rewards import Target, accuracy_component, build_rewards, combine, score_batch

@@ -9,6 +9,7 @@ gpg_vl.hub); the parent package a dotted import runs first is not counted as an 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,22 @@ def describe(circle: list[str], graph: dict[str, dict[str, int]]) -> str:
     return "import circle: " + "; ".join(edges)
 
 
+def documented_layers() -> dict[str, int]:
+    """Module (relative to gpg_vl, or `gpg_vl_tasks.*`) -> its layer number, from the table in docs/architecture.md."""
+    layers = {}
+    for line in (ROOT / "docs" / "architecture.md").read_text().splitlines():
+        row = re.match(r"\| (\d)\. [^|]+\| ([^|]+) \|", line)
+        for name in re.findall(r"`([\w.]+(?:\.\*)?)`", row.group(2) if row else ""):
+            layers[name] = int(row.group(1))
+    return layers
+
+
+def layer_of(module: str, layers: dict[str, int]) -> int | None:
+    if module.split(".")[0] in PLUGINS:
+        return layers.get(module.split(".")[0] + ".*")
+    return layers.get("__init__" if module == "gpg_vl" else module.removeprefix("gpg_vl."))
+
+
 def test_the_walker_finds_lazy_relative_and_submodule_imports(tmp_path, monkeypatch):
     """The checks below are only as good as the walker: it must see an import inside a function, a relative
     import, and `from pkg import sub` as an edge to the submodule, and report a circle they close."""
@@ -137,5 +154,19 @@ def test_the_library_never_imports_a_plugin_package(plugin):
         f"{module} imports {target} (line {line})"
         for module, targets in import_graph().items() if module.split(".")[0] == "gpg_vl"
         for target, line in targets.items() if target.split(".")[0] == plugin
+    ]  # fmt: skip
+    assert not upward, "\n".join(upward)
+
+
+def test_every_import_follows_the_layers_of_docs_architecture():
+    """docs/architecture.md matches the code: every module has a layer in its table, and imports only its own
+    layer or lower ones."""
+    layers, graph = documented_layers(), import_graph()
+    missing = [m for m in graph if layer_of(m, layers) is None]
+    assert not missing, f"modules with no layer in docs/architecture.md: {missing}"
+    upward = [
+        f"{module} (layer {layer_of(module, layers)}) imports {target} (layer {layer_of(target, layers)}, line {line})"
+        for module, targets in graph.items() for target, line in targets.items()
+        if layer_of(target, layers) > layer_of(module, layers)
     ]  # fmt: skip
     assert not upward, "\n".join(upward)
