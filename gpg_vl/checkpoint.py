@@ -153,7 +153,7 @@ def load_trainer_state(folder: Path) -> dict:
     if missing:
         raise CheckpointError(f"{folder} is not a complete gpg-vl checkpoint: missing {', '.join(missing)}")
     try:
-        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)  # mmap: pages read on use
     except Exception as e:
         raise CheckpointError(f"{folder / STATE_FILE} is unreadable ({type(e).__name__}: {e})") from None
 

@@ -6,21 +6,46 @@ micro-batch synchronises them. Each backend is told so here, in one place:
 - DDP: `no_sync` on every micro-batch but the last;
 - DeepSpeed: micro-batch size and accumulation from our config, and the accumulation boundary declared per
   micro-batch (accelerate's `sync_gradients`), so the engine steps once per GPG step;
-- FSDP2 (`train.sharding: fsdp`): parameters sharded with torch's `fully_shard`, which accelerate 1.15 only
-  builds on multi-GPU, so the trainer applies it itself; this is the sharded path that runs on the CPU.
+- FSDP2 (`train.sharding: fsdp`): parameters sharded with torch's `fully_shard`, which accelerate 1.16 only
+  builds on multi-GPU, so the trainer applies it itself.
+DeepSpeed and FSDP2 both run on the CPU too (gloo), which is how `make test` checks them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def launched_with_deepspeed() -> bool:
+    """True under `accelerate launch` with a DeepSpeed config (accelerate's own flag for it)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and int(os.environ.get("LOCAL_RANK", -1)) != -1
+
+
+def make_accelerator(use_cuda: bool, mixed_precision: str) -> Accelerator:
+    """The Accelerator for this launch. Trap: `Accelerator(cpu=True)` silently turns a DeepSpeed launch into
+    plain DDP (accelerate takes DeepSpeed only when `cpu` is false), so a DeepSpeed launch without CUDA gets
+    `cpu=False` with gloo, and DeepSpeed runs ZeRO on its CPU accelerator (no oneCCL or IPEX needed)."""
+    if not launched_with_deepspeed():
+        return Accelerator(cpu=not use_cuda, mixed_precision=mixed_precision)
+    try:
+        import deepspeed.ops
+    except ImportError:
+        raise RuntimeError("this is a DeepSpeed launch but deepspeed is not installed: pip install 'gpg-vl[deepspeed]'") from None
+    if use_cuda:
+        return Accelerator(mixed_precision=mixed_precision)
+    # DeepSpeed's CPU communicator JIT-builds its shared-memory op with g++ at init (~2 min on 2 cores) for
+    # inference all-reduce only; training does not use it, so it is declared unavailable before init.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return Accelerator(cpu=False, mixed_precision=mixed_precision, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
 
 
 def configure_deepspeed(plugin, micro_batch_size: int, world_size: int, max_grad_norm: float) -> dict:
@@ -36,6 +61,35 @@ def configure_deepspeed(plugin, micro_batch_size: int, world_size: int, max_grad
     ds["gradient_clipping"] = float(max_grad_norm) if max_grad_norm > 0 else 0.0
     plugin.gradient_accumulation_steps = 1
     return ds
+
+
+def prepare_reference(accelerator: Accelerator, ref_model):
+    """GRPO's frozen reference model handed to DeepSpeed (no optimizer), as the policy is.
+
+    Under ZeRO-3 transformers loads it partitioned (`zero.Init`), so without an engine its forward would run
+    on empty parameters; under ZeRO-2 it stays whole (stage 0). Either way the engine casts it to the
+    policy's precision (bf16), since DeepSpeed runs without autocast."""
+    import copy
+
+    import deepspeed
+
+    ds = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    if ds["zero_optimization"]["stage"] != 3:
+        ds["zero_optimization"]["stage"] = 0
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    engine, *_ = deepspeed.initialize(model=ref_model, config=ds)
+    engine.eval()  # DeepSpeedEngine.eval returns None, not the engine
+    return engine
+
+
+def load_deepspeed_optimizer_shard(zero_optimizer, rank: int, shard: dict) -> None:
+    """This rank's saved ZeRO optimizer shard back into DeepSpeed's optimizer.
+
+    Traps: DeepSpeed indexes the shards by data-parallel rank (a bare shard gives `KeyError: 0`), and
+    without `load_from_fp32_weights` ZeRO-1/2 rebuild the fp32 master partition from the (bf16) weights
+    instead of restoring the saved one, so a bf16 run would not resume exactly."""
+    zero_optimizer.load_state_dict({rank: shard}, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
 @contextlib.contextmanager
@@ -88,11 +142,22 @@ def full_model_state_dict(model) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    seen: dict[int, str] = {}
+    return drop_tied_copies(model, state)
+
+
+def drop_tied_copies(model, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """`state` without the second name of each tied parameter (the LM head tied to the embedding).
+
+    Gathers (FSDP2, DeepSpeed's `get_state_dict`) return tied parameters as separate copies, which
+    `save_pretrained` would write twice; an unsharded save writes the first name only. ZeRO-3 gathers on the
+    main process only; the others get None, passed through."""
+    if state is None:
+        return state
+    seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:
             state.pop(name, None)
-        seen.setdefault(id(param), name)
+        seen.add(id(param))
     return state
 
 
@@ -126,7 +191,9 @@ def needs_lockstep(model) -> bool:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     from transformers.integrations.fsdp import is_fsdp_managed_module
 
-    return is_fsdp2(model) or is_fsdp_managed_module(model) or is_deepspeed_zero3_enabled()
+    if is_deepspeed_zero3_enabled():
+        return True
+    return model is not None and (is_fsdp2(model) or is_fsdp_managed_module(model))
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -29,8 +29,13 @@ class Generated:
     error: str | None = None  # why the prompt could not be built (missing or unreadable image)
 
 
-def generate_batch(task: Task, engine: RolloutEngine, examples: Sequence[dict], sampling: SamplingParams) -> list[Generated]:
-    """`sampling.n` completions per example; an example whose images cannot be read gets an error instead."""
+def generate_batch(
+    task: Task, engine: RolloutEngine, examples: Sequence[dict], sampling: SamplingParams, lockstep: bool = False
+) -> list[Generated]:
+    """`sampling.n` completions per example; an example whose images cannot be read gets an error instead.
+
+    `lockstep` (sharded weights): a batch whose every prompt failed still runs the engine once, on a blank
+    text prompt whose output is dropped, because the other ranks' forwards wait for this one."""
     from gpg_vl.images import message_images, smart_resize
 
     prompts, out = [], []
@@ -47,6 +52,8 @@ def generate_batch(task: Task, engine: RolloutEngine, examples: Sequence[dict], 
             continue
         prompts.append(messages)
         out.append(Generated(prompt_text(messages), []))
+    if lockstep and not prompts:
+        engine.generate([[{"role": "user", "content": [{"type": "text", "text": ""}]}]], sampling)
     texts = engine.generate(prompts, sampling).texts if prompts else []  # [len(prompts) * n], group-contiguous
     if len(texts) != len(prompts) * sampling.n:
         raise RuntimeError(f"engine gave {len(texts)} completions for {len(prompts)} prompts x {sampling.n} samples")
@@ -141,7 +148,7 @@ def evaluate_completions(
     step = max(1, batch_size)
     mine: list[Generated] = []
     for first in range(0, len(mine_examples), step):
-        mine += generate_batch(task, engine, mine_examples[first : first + step], sampling)
+        mine += generate_batch(task, engine, mine_examples[first : first + step], sampling, lockstep)
     generated = gather_to_all(mine[: stop - start], world)
     if len(generated) != len(examples):
         raise RuntimeError(f"gathered {len(generated)} results for {len(examples)} examples over {world} processes")

@@ -85,13 +85,17 @@ def logprobs_from_hidden(
     targets = completion_ids[keep]  # [T]
     banned = None
     if suppressed_ids:
-        banned = torch.zeros(lm_head.weight.shape[0], dtype=torch.bool, device=h.device)
+        banned = torch.zeros(output_rows(lm_head), dtype=torch.bool, device=h.device)
         banned[suppressed_ids] = True
     divide = temperature if temperature > 0 and temperature != 1.0 else None
+    # Trap: ZeRO-3 does not gather a FROZEN partitioned weight (LoRA's LM head) when backward recomputes the
+    # chunk, so such a head keeps each chunk's logits for backward instead (more memory, no recompute).
+    weight = lm_head.weight
+    recompute = weight.requires_grad or not hasattr(weight, "ds_shape")
     pieces = []
     for start in range(0, h.shape[0], chunk_tokens):
         args = (h[start : start + chunk_tokens], targets[start : start + chunk_tokens])
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and recompute:
             # recompute this chunk's [chunk, V] logits in backward instead of keeping them for it
             pieces.append(checkpoint(_chunk_logprobs, lm_head, *args, banned, divide, use_reentrant=False))
         else:
@@ -100,6 +104,13 @@ def logprobs_from_hidden(
     if pieces:
         out = out.masked_scatter(keep, torch.cat(pieces))
     return out
+
+
+def output_rows(lm_head: torch.nn.Module) -> int:
+    """The vocabulary size the LM head scores. Trap: under ZeRO-3 a partitioned weight's `.shape` is (0,)
+    between forwards; DeepSpeed keeps the real one in `ds_shape`."""
+    weight = lm_head.weight
+    return (getattr(weight, "ds_shape", None) or weight.shape)[0]
 
 
 def _chunk_logprobs(lm_head, h: torch.Tensor, targets: torch.Tensor, banned: torch.Tensor | None, temperature: float | None) -> torch.Tensor:

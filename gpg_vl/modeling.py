@@ -16,12 +16,13 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from gpg_vl import hub
-from gpg_vl.config import DTYPES
+from gpg_vl.config import DTYPES, ConfigError
 from gpg_vl.builtin import BUILTIN_PREFIX, BUILTINS, ModelLoadError, cache_dir, resolve_model_path
 from gpg_vl.processor import VISION_TOKENS, VLProcessor, image_processor_class, load_processor, save_processor
 
 __all__ = [
     "BUILTINS", "BUILTIN_PREFIX", "ModelLoadError", "VISION_TOKENS", "VLProcessor", "cache_dir", "check_model_source",
+    "check_update_resolution",
     "describe_parameters", "image_processor_class", "load_policy", "load_processor", "resolve_attn_implementation",
     "resolve_model_path", "save_processor", "torch_dtype", "vision_tower",
 ]
@@ -75,6 +76,8 @@ def load_policy(model_cfg, device: torch.device | str = "cpu", weights_dtype: to
     With `model_cfg.lora.r > 0` the model comes back as a peft model with fresh adapters.
     """
     device = torch.device(device)
+    if model_cfg.attn_implementation == "flash_attention_2" and (weights_dtype or torch_dtype(model_cfg.dtype, device)) == torch.float32 and model_cfg.dtype != "auto":
+        raise ConfigError("model.attn_implementation=flash_attention_2 needs bf16/fp16 activations, but model.dtype=float32 runs fp32; use model.dtype=auto (bf16 autocast) or attn_implementation=sdpa")
     path = resolve_model_path(model_cfg.name_or_path)
     local = Path(path).expanduser()
     if path.startswith((".", "/", "~")) and not local.exists():
@@ -104,9 +107,13 @@ def load_policy(model_cfg, device: torch.device | str = "cpu", weights_dtype: to
             "tokenizer_config.json --local-dir DIR` (as VisualThinker's prepare_2B_base.sh does), then set "
             "model.name_or_path=DIR"
         )
+    keep_checkpoint_names(model)
     model.to(device)
-    if model_cfg.freeze_vision:
-        vision_tower(model).requires_grad_(False)
+    if model_cfg.freeze_vision:  # the ViT stays fixed; its merger (the projection into the LM) trains
+        tower = vision_tower(model)
+        tower.requires_grad_(False)
+        if getattr(tower, "merger", None) is not None:
+            tower.merger.requires_grad_(True)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -116,6 +123,42 @@ def load_policy(model_cfg, device: torch.device | str = "cpu", weights_dtype: to
 
         model = add_lora(model, lora)
     return model, processor
+
+
+def keep_checkpoint_names(model) -> None:
+    """Make `save_pretrained` write the key names a plain load reads back (`model.*`, `visual.*`).
+
+    Trap (transformers 5.25): a load under ZeRO-3 records every legacy renaming on the model, and the save
+    then reverts one twice, writing the language model as `model.model.*`. A plain load records only the
+    model's own renamings, which is what is kept here."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled() and getattr(model, "_weight_conversions", None) is not None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+
+
+def check_update_resolution(model, lr: float) -> None:
+    """Refuse 16-bit weights trained at a learning rate their resolution rounds away.
+
+    An Adam step moves a weight by about `lr`; a bf16 weight w changes only when that exceeds half its
+    spacing, about |w| * eps / 2 (eps = 2^-7 for bf16). Judged at the median |w| of the trainable weights:
+    below that, most updates vanish (measured: lr 1e-6 changed 1.4% of a bf16 model's elements)."""
+    weights = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    if not weights or weights[0].dtype not in (torch.bfloat16, torch.float16):
+        return
+    sample = torch.cat([p.detach().flatten()[:: max(1, p.numel() // 4096)].abs().float() for p in weights])
+    sample = sample[sample > 0]
+    if not len(sample):
+        return
+    resolution = float(sample.median()) * torch.finfo(weights[0].dtype).eps / 2
+    if lr < resolution:
+        name = str(weights[0].dtype).replace("torch.", "")
+        raise ConfigError(
+            f"optim.lr={lr:g} is below the resolution of {name} weights (~{resolution:.1e} at their median "
+            f"magnitude): most updates would round away; use model.dtype=auto (fp32 master weights) or a larger lr"
+        )
 
 
 def vision_tower(model) -> torch.nn.Module:
@@ -131,9 +174,10 @@ def vision_tower(model) -> torch.nn.Module:
 def describe_parameters(model, optimizer_name: str) -> str:
     """One start-up line: trainable and total parameter counts, weight dtype and optimizer-state dtype."""
     params = list(model.parameters())
-    total = sum(p.numel() for p in params)
+    numel = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731 (ZeRO-3: a partition's numel is 0)
+    total = sum(numel(p) for p in params)
     trainable = [p for p in params if p.requires_grad]
-    n_train = sum(p.numel() for p in trainable)
+    n_train = sum(numel(p) for p in trainable)
     weight_dtype = str(trainable[0].dtype if trainable else params[0].dtype).replace("torch.", "")
     state = "8-bit" if optimizer_name == "adamw_8bit" else weight_dtype
     return (

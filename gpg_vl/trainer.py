@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 
 from gpg_vl import algorithms
 from gpg_vl.checkpoint import (
@@ -29,8 +28,9 @@ from gpg_vl.checkpoint import (
 )
 from gpg_vl.config import LR_SCHEDULES, Config, ConfigError
 from gpg_vl.distributed import (
-    configure_deepspeed, full_model_state_dict, full_optimizer_state_dict, grad_norm_value, is_deepspeed, is_fsdp2,
-    load_full_optimizer_state_dict, micro_batch, shard_model,
+    configure_deepspeed, drop_tied_copies, full_model_state_dict, full_optimizer_state_dict, grad_norm_value, is_deepspeed, is_fsdp2,
+    load_deepspeed_optimizer_shard, load_full_optimizer_state_dict, make_accelerator, micro_batch, needs_lockstep,
+    prepare_reference, shard_model,
 )
 from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.images import message_images
@@ -39,7 +39,7 @@ from gpg_vl.prefix import compute_micro_batch_logprobs
 from gpg_vl.threads import configure_threads
 from gpg_vl.lora import adapter_state_dict, base_model, is_lora, load_adapter_state_dict, merged_state_dict
 from gpg_vl.kit import build_builtin
-from gpg_vl.modeling import check_model_source, describe_parameters, load_policy, torch_dtype
+from gpg_vl.modeling import check_model_source, check_update_resolution, describe_parameters, load_policy, torch_dtype
 from gpg_vl.recipes import add_arguments, config_from_args, config_to_yaml  # noqa: F401 (add_arguments: the `train` verb's CLI)
 from gpg_vl.registry import get_task
 from gpg_vl.rollout import SamplingParams, make_engine
@@ -158,11 +158,13 @@ def peak_memory_mb(device: torch.device) -> float:
 def train(cfg: Config) -> dict:
     """Run training as configured; returns the last step's metrics (plus held-out ones if evaluated)."""
     use_cuda = torch.cuda.is_available()
+    if cfg.train.sharding == "fsdp" and cfg.optim.name == "adamw_8bit":  # bitsandbytes issue 1633: no DTensor parameters
+        raise ConfigError("optim.name=adamw_8bit does not work with train.sharding=fsdp (bitsandbytes cannot step FSDP2's DTensor shards); use optim.name=adamw")
     check_optimizer(cfg.optim.name, use_cuda)
     check_engine(cfg.rollout, use_cuda)
     # model.dtype auto: fp32 master weights under bf16 autocast on CUDA; any other dtype is the weights' own
     autocast_bf16 = use_cuda and cfg.model.dtype == "auto"
-    accelerator = Accelerator(cpu=not use_cuda, mixed_precision="bf16" if autocast_bf16 else "no")
+    accelerator = make_accelerator(use_cuda, "bf16" if autocast_bf16 else "no")  # DeepSpeed on the CPU too
     rank, world = accelerator.process_index, accelerator.num_processes
     configure_threads(world)  # each local process takes its share of the CPUs (gpg_vl/threads.py)
     if cfg.train.prompts_per_step % world:
@@ -197,6 +199,7 @@ def train(cfg: Config) -> dict:
         if not cfg.model.lora.r:  # LoRA re-reads its frozen base and restores the adapter from the state
             model_cfg.name_or_path = str(resume_dir)
     model, processor = load_policy(model_cfg, accelerator.device, weights_dtype)
+    check_update_resolution(model, cfg.optim.lr)  # bf16 weights at lr 1e-6 would barely train: refused
     if resume_dir is not None and is_lora(model):
         load_adapter_state_dict(model, state["adapter"])
     task.configure_images(processor.min_pixels, processor.max_pixels)  # e.g. RefCOCO maps boxes back with it
@@ -219,6 +222,8 @@ def train(cfg: Config) -> dict:
         optimizer = accelerator.prepare(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
+    if ref_model is not None and is_deepspeed(accelerator):
+        ref_model = prepare_reference(accelerator, ref_model)
     policy = accelerator.unwrap_model(model)
     engine = make_engine(cfg.rollout.engine, policy, processor, cfg.rollout, cfg.model, max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0))
     sampler = PromptSampler(len(train_examples), cfg.train.seed, rank, world)
@@ -264,16 +269,18 @@ def train(cfg: Config) -> dict:
     model.train()
 
     if eval_examples is not None and cfg.eval.at_start and start_step == 0:
-        logger.log(0, {f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
+        with accelerator.autocast():
+            logger.log(0, {f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
 
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.time()
 
         # ==== 1. rollout + reward, resampling below the valid-group threshold (beta_th) ====
-        groups = collect_groups(
-            task, engine, train_examples, sampler, algo, sampling(step),
-            prompts_per_step=cfg.train.prompts_per_step, pad_id=processor.pad_token_id, all_reduce_sum=all_reduce_sum,
-        )
+        with accelerator.autocast():  # bf16 generation over fp32 masters (`auto` on CUDA), as the loss runs
+            groups = collect_groups(
+                task, engine, train_examples, sampler, algo, sampling(step),
+                prompts_per_step=cfg.train.prompts_per_step, pad_id=processor.pad_token_id, all_reduce_sum=all_reduce_sum,
+            )
         rollout = groups.rollout
         t_rollout = time.time() - t0
 
@@ -366,7 +373,8 @@ def train(cfg: Config) -> dict:
         if step == cfg.train.max_steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
             save(accelerator, model, processor, optimizer, scheduler, sampler, step, cfg, dict(metrics))
         if eval_examples is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.train.max_steps)):
-            metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
+            with accelerator.autocast():
+                metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
         logger.log(step, metrics)
 
     logger.close()
@@ -387,7 +395,7 @@ def evaluate_heldout(task, engine, examples, cfg: Config, rank: int = 0, world: 
     from gpg_vl.generation import evaluate_completions
 
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
-    lockstep = cfg.train.sharding == "fsdp"  # sharded weights: every rank runs every forward
+    lockstep = cfg.train.sharding == "fsdp" or needs_lockstep(getattr(engine, "model", None))  # FSDP2, ZeRO-3: every rank runs every forward
     _, metrics = evaluate_completions(task, engine, examples, params, cfg.eval.batch_size, rank, world, lockstep)
     return metrics
 
@@ -443,8 +451,8 @@ def load_optimizer_state(accelerator, model, optimizer, state: dict, folder: Pat
     if is_fsdp2(model):
         load_full_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"])
     elif is_deepspeed(accelerator):
-        shard = folder / SHARDS_DIR / f"rank{accelerator.process_index}.pt"
-        optimizer.load_state_dict(torch.load(shard, map_location="cpu", weights_only=False))
+        shard = torch.load(folder / SHARDS_DIR / f"rank{accelerator.process_index}.pt", map_location="cpu", weights_only=False, mmap=True)
+        load_deepspeed_optimizer_shard(optimizer.optimizer, accelerator.process_index, shard)
     else:
         optimizer.load_state_dict(state["optimizer"])
 
@@ -457,15 +465,17 @@ def save(accelerator, model, processor, optimizer, scheduler, sampler, step: int
     # (collectives). DeepSpeed: a collective under ZeRO-3, and each rank stages its own optimizer shard.
     staged = None
     if is_fsdp2(model):
-        weights, optimizer_state = full_model_state_dict(model), full_optimizer_state_dict(model, optimizer.optimizer)
+        weights = merged_state_dict(policy) if is_lora(policy) else full_model_state_dict(model)
+        optimizer_state = full_optimizer_state_dict(model, optimizer.optimizer)
     else:
-        weights = merged_state_dict(policy) if is_lora(policy) else accelerator.get_state_dict(model)
+        weights = merged_state_dict(policy) if is_lora(policy) else drop_tied_copies(policy, accelerator.get_state_dict(model))
         optimizer_state = None if is_deepspeed(accelerator) else optimizer.state_dict()
     if is_deepspeed(accelerator):
         staged = shards_staging_dir(cfg.train.output_dir, step)
         staged.mkdir(parents=True, exist_ok=True)
         torch.save(optimizer.state_dict(), staged / f"rank{accelerator.process_index}.pt")
         accelerator.wait_for_everyone()
+    adapter = adapter_state_dict(policy) if is_lora(policy) else None  # a gather under FSDP2: every rank
     if accelerator.is_main_process:
         state = {
             "step": step,
@@ -476,8 +486,8 @@ def save(accelerator, model, processor, optimizer, scheduler, sampler, step: int
             "config": cfg.to_dict(),
             "metrics": metrics,
         }
-        if is_lora(policy):
-            state["adapter"] = adapter_state_dict(policy)
+        if adapter is not None:
+            state["adapter"] = adapter
         folder = Path(cfg.train.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
         save_checkpoint(folder, base_model(policy), processor, state, cfg.checkpoint.keep_last, weights, staged)
     accelerator.wait_for_everyone()

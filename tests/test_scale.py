@@ -68,9 +68,11 @@ def test_frozen_vision_tower_is_bit_identical_after_a_step(tiny_model_dir, tmp_p
     out = tmp_path / "frozen"
     assert main(args_for(tiny_model_dir, out, "model.freeze_vision=true")) == 0
     before, after = weights(tiny_model_dir), weights(out / "checkpoint-2")
-    vision = [k for k in before if "visual" in k]
+    vision = [k for k in before if "visual" in k and "merger" not in k]
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     assert any(not torch.equal(before[k], after[k]) for k in before if "visual" not in k)
+    # bug 12: the merger (the ViT's projection into the language model) trains, as the option says
+    assert all(not torch.equal(before[k], after[k]) for k in before if "merger" in k and k.endswith("weight"))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
@@ -122,7 +124,7 @@ def test_eight_bit_adam_is_a_one_line_error_without_cuda(tiny_model_dir, tmp_pat
 def test_describe_parameters_counts_trainable_and_total(tiny_model_dir):
     model, _ = load_policy(ModelConfig(name_or_path=str(tiny_model_dir), freeze_vision=True))
     total = sum(p.numel() for p in model.parameters())
-    frozen = sum(p.numel() for p in vision_tower(model).parameters())
+    frozen = sum(p.numel() for p in vision_tower(model).parameters()) - sum(p.numel() for p in vision_tower(model).merger.parameters())
     line = describe_parameters(model, "adamw")
     assert f"{(total - frozen) / 1e6:,.2f}M trainable of {total / 1e6:,.2f}M" in line
     assert "weights float32" in line and "float32 state" in line
