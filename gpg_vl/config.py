@@ -67,8 +67,9 @@ class Rule:
         """None when `value` is allowed, else what is wrong ("must be >= 1, got 0")."""
         if value is None or self.note:  # a note means the check lives elsewhere (task, plugin, valid_on)
             return None
-        if self.choices is not None:
-            return None if value in self.names() else f"must be one of {', '.join(self.names())}; got {value!r}"
+        if self.choices is not None:  # a list field: each of its items
+            bad = [v for v in (value if isinstance(value, list) else [value]) if v not in self.names()]
+            return f"must be one of {', '.join(self.names())}; got {bad[0]!r}" if bad else None
         values = value if self.items else (value,)
         if self.items and len(values) != self.items:
             return f"must have {self.items} values, got {len(values)}: {value!r}"
@@ -318,6 +319,10 @@ class EvalConfig:
     """Prompts per generation batch during evaluation."""
     max_new_tokens: int | None = option(None, ge=1)
     """Completion limit for evaluation (null: rollout.max_new_tokens)."""
+    controls: list = option(factory=list, choices=("blind", "shuffled"))
+    """Visual-dependence controls scored beside the real images (docs/eval.md): `blind` (uniform grey images),
+    `shuffled` (another example's images); logged as eval/<control>/<metric> and eval/visual_gain/<metric>.
+    Each costs one more greedy pass."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpg_vl.atomic import atomic_write_text
+from gpg_vl.controls import CONTROLS, ControlledTask, check_controls
 from gpg_vl.config import DTYPES, ConfigError, ModelConfig, RolloutConfig, load_config, parse_override
 from gpg_vl.data import DataError
 from gpg_vl.generation import broadcast_from_main, gather_to_all, generate_batch
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     add("--max-pixels", type=int, help="largest image area fed to the model (default: the one saved with the model)")
     add("--engine", help="rollout engine: hf (transformers generate) | vllm (CUDA, or vLLM's CPU build: make setup-vllm) (default: hf)")
     add("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    add("--controls", nargs="+", choices=CONTROLS, default=[], metavar="CONTROL",
+        help="visual-dependence controls, each one more pass: blind (uniform grey images), shuffled (another "
+             "example's images); summary.json adds <control>/<metric> and visual_gain/<metric> (docs/eval.md)")
     add("--dtype", choices=DTYPES, help="weights dtype; auto (default) is bfloat16 on CUDA, float32 on the CPU")
     add("overrides", nargs="*", metavar="section.key=value",
         help="model.* / rollout.* config overrides, as for `gpg-vl train` (they win over the flags above)")
@@ -173,6 +177,7 @@ class EvalRun:
     batch_size: int
     rank: int = 0
     world: int = 1
+    controls: tuple[str, ...] = ()  # visual-dependence controls, each with its own records file
 
     @property
     def main(self) -> bool:
@@ -207,7 +212,8 @@ def run(args) -> int:
     if not examples:
         raise DataError(f"no examples to evaluate in {data_path or task.name!r} (split {split!r})")
     rank, world = process_place()
-    shared = EvalRun(task, examples, example_ids(task, examples), model_cfg, rollout_cfg, args.batch_size, rank, world)
+    controls = tuple(check_controls(args.controls, "--controls"))
+    shared = EvalRun(task, examples, example_ids(task, examples), model_cfg, rollout_cfg, args.batch_size, rank, world, controls)
     rc = rollout_cfg
     sampling = sampling_params(rc, n=args.num_samples, seed=args.seed)  # its temperature is eval's (0: greedy)
     output = Path(args.output)
@@ -270,13 +276,21 @@ def evaluate_model(name: str, path: str, folder: Path, shared: EvalRun, settings
     done = broadcast_from_main(done, shared.world)
     if isinstance(done, ConfigError):
         raise done
-    pending = [i for i, example_id in enumerate(shared.ids) if example_id not in done]
-    if pending:
+    # each control is one more pass with its own records file, resumed the same way
+    control_done = {c: broadcast_from_main(_control_records(folder, c) if shared.main else None, shared.world)
+                    for c in shared.controls}  # fmt: skip
+    passes = [(shared.task, done, folder / RECORDS)] + [
+        (ControlledTask(shared.task, c, shared.examples), control_done[c], folder / control_records_name(c)) for c in shared.controls
+    ]
+    todo = [(task, d, p, [i for i, example_id in enumerate(shared.ids) if example_id not in d]) for task, d, p in passes]
+    if any(pending for *_, pending in todo):
         engine = load_engine(path, settings, shared)  # only now: a finished eval re-summarises without the model
         if shared.main:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(folder / RUN_JSON, json.dumps({"settings": settings}, indent=2) + "\n")
-        _generate_records(name, engine, shared, pending, done, folder / RECORDS, sampling)
+        for task, d, records_path, pending in todo:
+            if pending:
+                _generate_records(name, engine, shared, pending, d, records_path, sampling, task)
         del engine
         _free_memory()
     elif shared.main:
@@ -284,7 +298,8 @@ def evaluate_model(name: str, path: str, folder: Path, shared: EvalRun, settings
     result = None
     if shared.main:
         records = [done[i] for i in shared.ids]
-        result = write_summary(name, folder, shared.task, shared.examples, records, settings)
+        controls = {c: [control_done[c][i] for i in shared.ids] for c in shared.controls}
+        result = write_summary(name, folder, shared.task, shared.examples, records, settings, controls)
     result = broadcast_from_main(result, shared.world)
     if result["examples"] == 0:
         raise DataError(f"no example could be evaluated: all {result['errors']} failed (first: {result['first_error']})")
@@ -309,6 +324,17 @@ def resumable_records(folder: Path, settings: dict) -> dict[str, dict]:
     return {r["id"]: r for r in previous}
 
 
+def control_records_name(control: str) -> str:
+    """The records file of one control pass, beside records.jsonl: records.blind.jsonl, records.shuffled.jsonl."""
+    return RECORDS.replace(".jsonl", f".{control}.jsonl")
+
+
+def _control_records(folder: Path, control: str) -> dict[str, dict]:
+    """id -> record of an earlier pass of `control` (its settings are run.json's, checked with the main
+    records); error records are dropped so those examples are retried."""
+    return {r["id"]: r for r in load_records(folder / control_records_name(control)) if "error" not in r}
+
+
 def load_engine(path: str, settings: dict, shared: EvalRun) -> RolloutEngine:
     import torch
 
@@ -322,20 +348,24 @@ def load_engine(path: str, settings: dict, shared: EvalRun) -> RolloutEngine:
     return make_engine(shared.rollout_cfg.engine, model, processor, shared.rollout_cfg, model_cfg)
 
 
-def _generate_records(name: str, engine, shared: EvalRun, pending: list[int], done: dict, path: Path, sampling) -> None:
+def _generate_records(name: str, engine, shared: EvalRun, pending: list[int], done: dict, path: Path, sampling,
+                      task: Task | None = None) -> None:
     """Rounds of `world` batches: rank r generates and scores the r-th batch of the round, rank 0 appends the
-    round's records in order. The batches are those a single process would make, so are the seeds."""
+    round's records in order. The batches are those a single process would make, so are the seeds. `task`
+    (default: the run's) is a ControlledTask for a control pass."""
+    task = task or shared.task
     from tqdm import tqdm
 
     total, size = len(shared.ids), shared.batch_size
-    with tqdm(total=total, initial=total - len(pending), unit="ex", desc=name, dynamic_ncols=True, disable=not shared.main) as bar:
+    desc = name if task is shared.task else f"{name} ({task.control})"
+    with tqdm(total=total, initial=total - len(pending), unit="ex", desc=desc, dynamic_ncols=True, disable=not shared.main) as bar:
         for start in range(0, len(pending), size * shared.world):
             batch = pending[start + shared.rank * size : start + (shared.rank + 1) * size]
             records = []
             if batch:
                 # seeded by the batch's first example: a run resumed at a batch boundary samples what an unbroken one would
                 params = dataclasses.replace(sampling, seed=sampling.seed + batch[0]) if sampling.seed is not None else sampling
-                generated = generate_batch(shared.task, engine, [shared.examples[i] for i in batch], params)
+                generated = generate_batch(task, engine, [shared.examples[i] for i in batch], params)
                 records = [make_record(shared.task, shared.examples[i], shared.ids[i], g) for i, g in zip(batch, generated)]
             records = gather_to_all(records, shared.world)
             if shared.main:

@@ -390,14 +390,25 @@ def train(cfg: Config) -> dict:
 
 
 def evaluate_heldout(task, engine, examples, cfg: Config, rank: int = 0, world: int = 1) -> dict[str, float]:
-    """Greedy completions on the held-out split, scored with the task's own metrics. Each of the `world`
-    processes generates one slice; the metrics are computed once, on the whole split, and every rank gets them."""
+    """Greedy completions on the held-out split, scored with the task's own metrics, then once more per
+    `eval.controls` entry (`<control>/<metric>`, `visual_gain/<metric>`). Each of the `world` processes
+    generates one slice; the metrics are computed once, on the whole split, and every rank gets them."""
     from gpg_vl.generation import evaluate_completions
 
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
     lockstep = cfg.train.sharding == "fsdp" or needs_lockstep(getattr(engine, "model", None))  # FSDP2, ZeRO-3: every rank runs every forward
     _, metrics = evaluate_completions(task, engine, examples, params, cfg.eval.batch_size, rank, world, lockstep)
-    return metrics
+    if not cfg.eval.controls:
+        return metrics
+    from gpg_vl.controls import ControlledTask, with_controls
+
+    # one more greedy pass per control (docs/eval.md): blind or shuffled images, scored against the true answers
+    by_control = {
+        control: evaluate_completions(ControlledTask(task, control, examples), engine, examples, params,
+                                      cfg.eval.batch_size, rank, world, lockstep)[1]
+        for control in cfg.eval.controls
+    }  # fmt: skip
+    return with_controls(metrics, by_control)
 
 
 def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: int, advantages=None, tokenizer=None) -> None:

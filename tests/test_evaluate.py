@@ -423,3 +423,132 @@ def test_cvbench_real_schema_fixture(monkeypatch, checkpoints, tmp_path):
     records = {r["id"]: r for r in read_jsonl(folder / "records.jsonl")}
     assert records["0"]["task"] == "Count" and records["0"]["correct"] is True and records["1"]["correct"] is False
     assert "error" in records["3"]
+
+
+# ---- visual-dependence controls ------------------------------------------------------------------------
+
+
+def test_controls_donors_are_a_fixed_permutation_without_fixed_points():
+    from gpg_vl.controls import donor_indices
+
+    for n in (2, 3, 6, 17):
+        donor = donor_indices(n)
+        assert sorted(donor) == list(range(n)) and all(d != i for i, d in enumerate(donor)), (n, donor)
+        assert donor_indices(n) == donor  # the same split always gets the same permutation
+
+
+def test_controls_keep_every_image_size_and_blank_or_swap_each_image():
+    from PIL import Image
+
+    from gpg_vl.controls import BLIND_GREY, blind_messages, shuffled_messages
+
+    red, blue = Image.new("RGB", (40, 30), "red"), Image.new("RGB", (50, 20), "blue")
+    green = Image.new("RGB", (64, 64), "green")
+    two = [{"role": "user", "content": [{"type": "image", "image": red}, {"type": "image", "image": blue},
+                                        {"type": "text", "text": "which?"}]}]  # fmt: skip
+    blind = message_images(blind_messages(two))
+    assert [im.size for im in blind] == [(40, 30), (50, 20)]  # same size: same image-token count
+    assert all(im.getcolors() == [(im.width * im.height, BLIND_GREY)] for im in blind)  # uniform
+    donor = [{"role": "user", "content": [{"type": "image", "image": green}, {"type": "text", "text": "x"}]}]
+    swapped = message_images(shuffled_messages(two, donor))
+    assert [im.size for im in swapped] == [(40, 30), (50, 20)]
+    assert all(im.getpixel((0, 0)) == (0, 128, 0) for im in swapped)  # both images are the donor's
+    assert two[0]["content"][0]["image"] is red and blind_messages(two)[0]["content"][2]["text"] == "which?"
+
+
+def test_controls_in_eval_score_altered_images_against_the_true_answers(monkeypatch, checkpoints, tmp_path):
+    """`--controls blind shuffled`: each control is one more pass over the same examples, its completions
+    scored against the true answers; summary.json gets <control>/<metric> and visual_gain = real - blind."""
+    from PIL import Image
+
+    from gpg_vl.controls import BLIND_GREY, donor_indices
+
+    examples = shapes_examples(6)
+    answers = scripted_answers(examples, [[t] for t in FIXED])
+    grey = Image.new("RGB", examples[0]["image"].size, BLIND_GREY)
+    answers[grey.tobytes()] = [RIGHT.format("(D)")]  # blind: always (D), right for examples 1 and 2 only
+    engine = ScriptedEngine(answers)
+    use_engine(monkeypatch, engine)
+
+    args = eval_args(checkpoints[0], tmp_path, "--engine", "scripted", "--batch-size", "4", "--controls", "blind", "shuffled")
+    assert main(args) == 0
+
+    folder = tmp_path / "run-checkpoint-1"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert {k: summary[k] for k in EXPECTED} == pytest.approx(EXPECTED)  # the real pass is unchanged
+    # blind: (D) for answers (B) (D) (D) (B) (A) (B): 2/6 right, all formatted; shape 2/5, color 0/1
+    blind = {"accuracy": 2 / 6, "format": 1.0, "accuracy/color": 0.0, "accuracy/shape": 0.4}
+    assert {k: summary[f"blind/{k}"] for k in blind} == pytest.approx(blind)
+    # shuffled: example i shows example donor[i]'s image, so the engine answers FIXED[donor[i]]
+    task = get_task("shapes", questions=["color", "shape"])
+    donor = donor_indices(6)
+    right = [task.score(FIXED[donor[i]], e).components["accuracy"] for i, e in enumerate(examples)]
+    assert summary["shuffled/accuracy"] == pytest.approx(sum(right) / 6)
+    assert summary["visual_gain/accuracy"] == pytest.approx(0.5 - 2 / 6)
+    assert summary["visual_gain/format"] == pytest.approx(0.5 - 1.0)
+    assert [r["completion"] for r in read_jsonl(folder / "records.blind.jsonl")] == [RIGHT.format("(D)")] * 6
+    assert [r["completion"] for r in read_jsonl(folder / "records.shuffled.jsonl")] == [FIXED[d] for d in donor]
+    assert "| visual_gain/accuracy | +16.7 pts |" in (folder / "summary.md").read_text()
+
+    calls = engine.calls
+    assert main(args) == 0  # a rerun resumes every pass: nothing is generated again
+    assert engine.calls == calls and json.loads((folder / "summary.json").read_text()) == summary
+
+
+def test_controls_reach_the_comparison(monkeypatch, checkpoints, tmp_path):
+    examples = shapes_examples(3)
+    answers = scripted_answers(examples, [[RIGHT.format(e["answer"])] for e in examples])  # all right
+    use_engine(monkeypatch, ScriptedEngine(answers))
+    args = eval_args(checkpoints[0], tmp_path, "--model", checkpoints[1], "--engine", "scripted", "--controls", "shuffled", n=3)
+    assert main(args) == 0
+    comparison = (tmp_path / "comparison.md").read_text()
+    assert "| shuffled/accuracy |" in comparison and (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def test_unknown_control_fails_in_one_line(checkpoints, tmp_path, capsys):
+    from gpg_vl.config import ConfigError, load_config
+
+    with pytest.raises(SystemExit):
+        main(eval_args(checkpoints[0], tmp_path, "--controls", "dark"))
+    assert "invalid choice: 'dark'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"eval.controls must be one of blind, shuffled; got 'dark'"):
+        load_config(None, ["eval.controls=[blind, dark]"])
+    assert load_config(None, ["eval.controls=[blind, shuffled]"]).eval.controls == ["blind", "shuffled"]
+
+
+def test_trainer_heldout_evaluation_logs_each_control(monkeypatch, tiny_model_dir, tmp_path):
+    """`eval.controls` in training: the held-out metrics gain eval/blind/*, eval/shuffled/* and
+    eval/visual_gain/* (the real metric minus the blind one), at step 0 and at the end."""
+    from PIL import Image
+
+    from gpg_vl.config import load_config
+    from gpg_vl.controls import BLIND_GREY
+    from gpg_vl.trainer import evaluate_heldout
+
+    task = get_task("shapes", questions=["color", "shape"])
+    examples = shapes_examples(6)
+    answers = scripted_answers(examples, [[t] for t in FIXED])
+    answers[Image.new("RGB", examples[0]["image"].size, BLIND_GREY).tobytes()] = [RIGHT.format("(D)")]
+    cfg = load_config(None, ["eval.controls=[blind, shuffled]", "eval.batch_size=4"])
+    metrics = evaluate_heldout(task, ScriptedEngine(answers), examples, cfg)
+    assert {k: metrics[k] for k in EXPECTED} == pytest.approx(EXPECTED)
+    assert metrics["blind/accuracy"] == pytest.approx(2 / 6) and "shuffled/accuracy" in metrics
+    assert metrics["visual_gain/accuracy"] == pytest.approx(0.5 - 2 / 6)
+    assert evaluate_heldout(task, ScriptedEngine(answers), examples, load_config(None, [])) == pytest.approx(EXPECTED)
+
+    # the real trainer, one step on the tiny model: the keys reach metrics.jsonl as eval/<control>/<metric>
+    out = tmp_path / "run"
+    args = ["train", "task.name=shapes", f"model.name_or_path={tiny_model_dir}", "model.min_pixels=3136",
+            "model.max_pixels=3136", "task.train_data=synthetic:16", "task.eval_data=synthetic:4",
+            "task.options={image_size: 56}", "rollout.group_size=2", "rollout.max_new_tokens=4",
+            "train.prompts_per_step=2", "train.max_steps=1", f"train.output_dir={out}", "eval.at_start=true",
+            "eval.controls=[blind, shuffled]", "eval.max_new_tokens=4", "logging.progress_bar=false",
+            "logging.tensorboard=false", "checkpoint.save_every=0"]  # fmt: skip
+    assert main(args) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in logged if "eval/accuracy" in row]
+    assert len(evals) == 2  # step 0 and the end
+    for row in evals:
+        for key in ("eval/blind/accuracy", "eval/shuffled/accuracy", "eval/visual_gain/accuracy"):
+            assert key in row, (key, sorted(row))
+        assert row["eval/visual_gain/accuracy"] == pytest.approx(row["eval/accuracy"] - row["eval/blind/accuracy"])

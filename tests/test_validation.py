@@ -22,6 +22,7 @@ BAD = [
     ("optim.micro_batch_size=-1", "optim.micro_batch_size"),  # was "trained" with weights never changing
     ("eval.batch_size=-1", "eval.batch_size"),  # silently dropped one example
     ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.controls=[blind, dark]", "eval.controls"),  # each item of a list field is checked
     ("optim.lr=.inf", "optim.lr"),
     ("optim.lr=.nan", "optim.lr"),
     ("optim.lr=-1e-4", "optim.lr"),
