@@ -27,12 +27,12 @@ class WarmUp:
 # name -> (arch, size preset, the format warm-up on top, or None)
 BUILTINS = {
     "tiny": ("qwen2_vl", "tiny", None),
-    "tiny-warm": ("qwen2_vl", "tiny", WarmUp("shapes")),  # the quickstart's policy
+    "tiny-warm": ("qwen2_vl", "tiny", WarmUp("shapes", {"questions": ["color", "shape"]})),  # the quickstart's policy
     "tiny-qwen2_5_vl": ("qwen2_5_vl", "tiny", None),
     "tiny-qwen3_vl": ("qwen3_vl", "tiny", None),
     # head size 32, which vLLM's CPU backend accepts (tiny's 24 it refuses): the vLLM tests and quickstart
     "tiny-h32": ("qwen2_vl", "tiny-h32", None),
-    "tiny-h32-warm": ("qwen2_vl", "tiny-h32", WarmUp("shapes")),
+    "tiny-h32-warm": ("qwen2_vl", "tiny-h32", WarmUp("shapes", {"questions": ["color", "shape"]})),
     "tiny-h32-qwen2_5_vl": ("qwen2_5_vl", "tiny-h32", None),
     "tiny-h32-qwen3_vl": ("qwen3_vl", "tiny-h32", None),
     "small-20m": ("qwen2_vl", "small-20m", None),

@@ -145,6 +145,14 @@ class Task:
         task's answer form from other examples' references); None when the task does not say."""
         return None
 
+    def warmup_answer(self, examples: Sequence[dict], rng) -> str:
+        """An answer of this task's form that says nothing about the prompt: the format warm-up's target
+        (gpg_vl/warmup.py). By default the `reference_answer` of a random one of `examples`."""
+        answer = self.reference_answer(rng.choice(examples))
+        if answer is None:
+            raise ValueError(f"task {self.name!r} has no reference_answer, so it cannot be format-warmed")
+        return answer
+
     def example_id(self, example: dict, index: int) -> str:
         """A stable id for records and resumable evaluation."""
         for key in ("id", "idx", "image_id"):

@@ -2,8 +2,8 @@
 
 A randomly initialised policy never emits the answer format, so every group's rewards are equal and GPG
 has no gradient. This short supervised stage trains on a task's prompts with a RANDOM answer of the task's
-own form: for `shapes` (the quickstart's `builtin:tiny-warm`) a random letter; for any other task the
-reference answer of another, randomly drawn example (`Task.reference_answer`). The policy learns the
+own form, `Task.warmup_answer`: by default the reference answer of another, randomly drawn example; `shapes`
+(the quickstart's `builtin:tiny-warm`) draws a uniform letter. The policy learns the
 format and the answer vocabulary while staying at chance accuracy. It stops when SAMPLED (T=1)
 completions parse, not greedy ones: greedy parses long before samples do, and RL samples.
 """
@@ -45,8 +45,8 @@ def make_format_warm(
 ) -> Path:
     """Warm `base` up on `task`'s answer format and save it to `out_dir` (atomically). Prints progress.
 
-    `shapes` asks both of its questions and answers a random letter; another task answers with the
-    `reference_answer` of a random example of its `synthetic:512` data (a ValueError if it has none)."""
+    The targets' answers are `task.warmup_answer` draws over its `synthetic:512` data (a ValueError, before
+    any step, for a task with no answer form). `gpg_vl.kit` calls this for the `-warm` presets."""
     from transformers import AutoModelForImageTextToText
 
     from gpg_vl.atomic import atomic_dir
@@ -57,22 +57,13 @@ def make_format_warm(
     rng = random.Random(seed)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     processor = load_processor(base, *TINY_PIXELS)
-    if task == "shapes":
-        task_obj = get_task("shapes", **(task_options or {"questions": ["color", "shape"]}))
-        examples = task_obj.load("synthetic:512", split="warmup")
+    task_obj = get_task(task, **(task_options or {}))
+    examples = task_obj.load("synthetic:512", split="warmup")
+    task_obj.configure_images(*TINY_PIXELS)
+    task_obj.warmup_answer(examples, random.Random(seed))  # a task with no answer form fails here, before training
 
-        def answer(r: random.Random) -> str:
-            return f"({r.choice('ABCD')})"
-    else:
-        task_obj = get_task(task, **(task_options or {}))
-        examples = task_obj.load("synthetic:512", split="warmup")
-        task_obj.configure_images(*TINY_PIXELS)
-        references = [task_obj.reference_answer(e) for e in examples]
-        if any(r is None for r in references):
-            raise ValueError(f"task {task!r} has no reference_answer, so it cannot be format-warmed")
-
-        def answer(r: random.Random) -> str:
-            return r.choice(references)
+    def answer(r: random.Random) -> str:
+        return task_obj.warmup_answer(examples, r)
     engine = HFEngine(model, processor, batch_size=64)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     eos = processor.tokenizer.eos_token
