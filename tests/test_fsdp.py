@@ -70,3 +70,34 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly(tiny_model_dir, tmp_path):
     state = torch.load(split / "checkpoint-3" / "trainer_state.pt", weights_only=False)
     moments = state["optimizer"]["state"]
     assert moments and all("exp_avg" in s for s in moments.values())  # the whole optimizer state was gathered
+
+
+def test_fsdp_lora_saves_merged_plain_weights_and_whole_adapters(tiny_model_dir, tmp_path):
+    """Bug 8: under FSDP2 a LoRA checkpoint held PEFT-internal names (`base_layer`, `lora_A`) unmerged, and
+    `trainer_state.pt` kept only rank 0's shard of each adapter. Invariant: the folder has the plain HF key
+    names with the adapters merged in, and the saved adapters have their full shapes."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_model_dir, tmp_path.parent / "model", dirs_exist_ok=True)
+    lora = ["train.max_steps=1", "optim.lr=1e-2", "model.lora={r: 4, alpha: 8}", "train.sharding=fsdp"]
+    run = launch(tmp_path, "lora", *lora, port=_free_port())
+    saved = weights(run / "checkpoint-1")
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert sorted(saved) == sorted(base)  # plain names, nothing of peft's
+    assert any(not torch.equal(saved[k], base[k]) for k in base)  # the adapters were merged in (lr 1e-2)
+    state = torch.load(run / "checkpoint-1" / "trainer_state.pt", weights_only=False)
+    for name, tensor in state["adapter"].items():
+        if "lora_A" in name:
+            assert tensor.shape[0] == 4, name  # [r, in], whole
+        if "lora_B" in name:
+            assert tensor.shape[1] == 4 and tensor.shape[0] > 4, name  # [out, r], whole, not out/2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
