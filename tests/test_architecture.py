@@ -170,3 +170,12 @@ def test_every_import_follows_the_layers_of_docs_architecture():
         if layer_of(target, layers) > layer_of(module, layers)
     ]  # fmt: skip
     assert not upward, "\n".join(upward)
+
+
+MAX_MODULE_LINES = 450
+
+
+def test_no_module_is_over_450_lines():
+    """Modules stay small (issue 25's bound): a module past it holds a second job that wants its own home."""
+    long = {m: n for m, f in project_modules().items() if (n := len(f.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
