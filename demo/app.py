@@ -137,9 +137,9 @@ def build_app(
 ) -> gr.Blocks:
     """The demo page over the checkpoints `models` and run folders `runs` (the only paths it may load)."""
     if device is None:
-        import torch
+        from gpg_vl.modeling import inference_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = str(inference_device())
     backend = DemoBackend(models, runs, task=task, data=data, split=split, device=device)
     have_examples = bool(backend.examples)
     model_choices = backend.allow.model_choices()

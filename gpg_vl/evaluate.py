@@ -336,12 +336,10 @@ def _control_records(folder: Path, control: str) -> dict[str, dict]:
 
 
 def load_engine(path: str, settings: dict, shared: EvalRun) -> RolloutEngine:
-    import torch
-
-    from gpg_vl.modeling import load_policy
+    from gpg_vl.modeling import inference_device, load_policy
     from gpg_vl.rollout import make_engine
 
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    device = inference_device()
     model_cfg = dataclasses.replace(shared.model_cfg, name_or_path=path, min_pixels=settings["min_pixels"],
                                     max_pixels=settings["max_pixels"])  # fmt: skip
     model, processor = load_policy(model_cfg, device)

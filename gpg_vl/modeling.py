@@ -47,6 +47,12 @@ def check_model_source(path: str) -> bool:
     return True
 
 
+def inference_device() -> torch.device:
+    """Where `gpg-vl eval` and the demo load a policy: this process's current CUDA device, else the CPU.
+    (Training takes accelerate's device, which a launcher sets per rank.)"""
+    return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+
+
 def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 on CUDA and float32 on the CPU (for inference; training keeps fp32 masters then)."""
     if name == "auto":
