@@ -2,8 +2,8 @@
 
 `load_policy` reads everything from `ModelConfig`: the weights' dtype, the attention kernel (flash-attn falls
 back to sdpa with a warning when it is missing), the pixel budget (resolved once, carried on the processor),
-a frozen vision tower, gradient checkpointing and LoRA adapters (`gpg_vl.lora`). Built-in presets are built
-by `gpg_vl.builtin`; this module only loads folders.
+a frozen vision tower, gradient checkpointing and LoRA adapters (`gpg_vl.lora`). A built-in preset must be
+built first (`gpg_vl.kit`); `gpg_vl.builtin` finds its folder, and this module only loads folders.
 """
 
 from __future__ import annotations
