@@ -2,7 +2,7 @@
 
 Everything is drawn on the ORIGINAL image, in its pixels. Trap: a model does not answer in those pixels.
 LISA answers (and stores its truth) on a 0-1000 scale; RefCOCO answers in pixels of the resized image the
-processor fed it (`smart_resize`). A grounding task (`gpg_vl.task.GroundingTask`) maps the box itself, so
+processor fed it (`ImageBudget.resized_size`), each unless `box_frame` says otherwise. A grounding task (`gpg_vl.task.GroundingTask`) maps the box itself, so
 the box drawn is the box the reward scored; `model_to_pixels` is the fallback for other tasks.
 """
 
@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from gpg_vl.images import smart_resize
 from gpg_vl.parsing import extract_answer
 from gpg_vl.task import Box, GroundingTask
 
@@ -94,7 +93,9 @@ def model_to_pixels(box: Box, task, image_size: tuple[int, int]) -> Box:
     if normalised_scale(task) is not None:
         return frame_to_pixels(box, task, image_size)
     width, height = image_size
-    seen_h, seen_w = smart_resize(height, width, task.min_pixels, task.max_pixels)
+    if task.image_budget is None:
+        raise ValueError("a box in resized pixels needs the checkpoint's image budget (task.configure_images)")
+    seen_w, seen_h = task.image_budget.resized_size(width, height)  # the checkpoint's own grid factor
     sx, sy = width / seen_w, height / seen_h
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
 

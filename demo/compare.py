@@ -65,7 +65,7 @@ def run_checkpoint(checkpoint: Checkpoint, prompt: Prompt, params: SamplingParam
     result.pixel_budget = list(policy.pixel_budget)
     # Scoring maps boxes back through the budget the model saw (RefCOCO). The task objects are shared, which is
     # safe because comparisons run one at a time (concurrency_limit=1 in app.py).
-    task.configure_images(*policy.pixel_budget)
+    task.configure_images(policy.processor.budget)
     try:
         start = time.perf_counter()
         rollout = policy.engine.generate([prompt.messages], params)

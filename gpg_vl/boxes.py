@@ -87,3 +87,25 @@ def grounding_metrics(ious: Sequence[float]) -> dict[str, float]:
     if not ious:
         return {"mIoU": 0.0, "acc@0.5": 0.0}
     return {"mIoU": sum(ious) / len(ious), "acc@0.5": sum(iou > 0.5 for iou in ious) / len(ious)}
+
+
+# ---- coordinate frames: in what numbers a model writes a box -----------------------------------------------
+# thousandths: 0-1000 of the image's width and height (Qwen2-VL, Qwen3-VL); resized_pixels: pixels of the image
+# at the size the processor fed the model (Qwen2.5-VL). Transformers' source says neither; the wording is
+# QwenLM's (Qwen2-VL/Qwen-VL README: boxes "normalized in the range [0, 1000)"; Qwen3-VL blog and maintainers:
+# "relative coordinates ranging from 0 to 1000" instead of Qwen2.5-VL's absolute ones). docs/tasks.md has the table.
+BOX_FRAMES = ("thousandths", "resized_pixels")
+NATIVE_BOX_FRAMES = {"qwen2_vl": "thousandths", "qwen2_5_vl": "resized_pixels", "qwen3_vl": "thousandths",
+                     "qwen3_vl_moe": "thousandths"}  # fmt: skip
+THOUSANDTHS = 1000.0
+
+
+def frame_size(frame: str, resized_size: tuple[int, int] | None) -> tuple[float, float]:
+    """(width, height) of `frame` for an image the model saw at `resized_size` (ImageBudget.resized_size)."""
+    if frame == "thousandths":
+        return THOUSANDTHS, THOUSANDTHS
+    if frame == "resized_pixels":
+        if resized_size is None:
+            raise ValueError("a box in resized pixels needs the model's image budget (task.configure_images)")
+        return float(resized_size[0]), float(resized_size[1])
+    raise ValueError(f"box frame must be one of {BOX_FRAMES}, got {frame!r}")

@@ -30,6 +30,7 @@ from gpg_vl.records import (
     unique_model_names,
 )  # fmt: skip
 from gpg_vl.reporting import plot_comparison, render_comparison, write_summary
+from gpg_vl.images import ImageBudget
 from gpg_vl.task import Task
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ def make_task(name: str, options: dict) -> Task:
         raise ConfigError(f"--task {name}: {e.args[0] if e.args else e}") from None
 
 
-def pixel_budget(path: str, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
+def pixel_budget(path: str, min_pixels: int | None, max_pixels: int | None) -> ImageBudget:
     """The image budget the model will run with: the given one, else the one saved with the model (read by
     `load_processor`, the same rule `load_policy` applies), without loading any weights."""
     from gpg_vl.modeling import ModelLoadError, check_model_source, load_processor
@@ -158,7 +159,7 @@ def pixel_budget(path: str, min_pixels: int | None, max_pixels: int | None) -> t
     except Exception as e:
         first_line = (str(e).splitlines() or [""])[0][:300]
         raise ModelLoadError(f"could not load the processor of {path!r}: {type(e).__name__}: {first_line}") from None
-    return processor.min_pixels, processor.max_pixels
+    return processor.budget
 
 
 # ---- the verb ---------------------------------------------------------------------------------------------
@@ -227,13 +228,13 @@ def run(args) -> int:
         except ModelLoadError as e:
             failures[name] = _report_failure(shared, model, name, e)
             continue
-        task.configure_images(*budget)  # before any message is built or completion scored for this model
+        task.configure_images(budget)  # before any message is built or completion scored for this model
         local = Path(model).expanduser()
         settings = {  # what must match for a rerun to resume into the same records
             "model": str(local.resolve()) if local.exists() else model,
             "task": args.task, "task_options": options, "data": data_path, "split": split,
             "temperature": rc.temperature, "num_samples": args.num_samples, "max_new_tokens": rc.max_new_tokens,
-            "min_pixels": budget[0], "max_pixels": budget[1], "seed": args.seed if rc.temperature > 0 else None,
+            "min_pixels": budget.min_pixels, "max_pixels": budget.max_pixels, "seed": args.seed if rc.temperature > 0 else None,
         }  # fmt: skip
         if rc.temperature > 0 and (rc.top_p, rc.top_k) != (1.0, 0):  # only when set, so older folders still resume
             settings.update(top_p=rc.top_p, top_k=rc.top_k)

@@ -36,7 +36,7 @@ def generate_batch(
 
     `lockstep` (sharded weights): a batch whose every prompt failed still runs the engine once, on a blank
     text prompt whose output is dropped, because the other ranks' forwards wait for this one."""
-    from gpg_vl.images import message_images, smart_resize
+    from gpg_vl.images import check_usable, message_images
 
     prompts, out = [], []
     for example in examples:
@@ -44,7 +44,7 @@ def generate_batch(
             messages = task.messages(example)
             for image in message_images(messages):  # fail here, on this example, not inside the engine's batch
                 try:
-                    smart_resize(image.height, image.width, task.min_pixels, task.max_pixels)
+                    check_usable(image)
                 except ValueError as e:
                     raise DataError(f"example {example.get('id', '?')}: unusable image: {e}") from None
         except DataError as e:

@@ -1,12 +1,15 @@
 """The one image-resize rule: Qwen2-VL's smart resize, applied before the processor everywhere.
 
-Rollouts, the training forward, eval and the demo all call `resize_for_model`, so the image the policy is
-trained on is the image it is evaluated on, and a box predicted on it can be mapped back (`scale_box`).
+`ImageBudget` is the one record of it: min and max pixels and the grid factor (28 for Qwen2/2.5-VL, 32 for
+Qwen3-VL), built by the loaded processor (`VLProcessor.budget`) and handed to tasks, eval, the demo and vLLM,
+so the image the policy is trained on is the image it is evaluated on, and a box on it maps back exactly.
 """
 
 from __future__ import annotations
 
 import math
+
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -33,6 +36,30 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
         h = math.ceil(height * beta / factor) * factor
         w = math.ceil(width * beta / factor) * factor
     return h, w
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """The size every image is resized to before one model sees it (its processor builds it)."""
+
+    min_pixels: int
+    max_pixels: int
+    factor: int  # pixels per side of one merged image token: patch x spatial merge
+    native_box_frame: str | None = None  # the frame the model's family writes boxes in (gpg_vl.boxes); None: unknown
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_pixels <= self.max_pixels or self.factor < 1:
+            raise ValueError(f"image budget needs 0 < min_pixels <= max_pixels and factor >= 1, got {self}")
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) the model sees an image of (width, height) at."""
+        h, w = smart_resize(height, width, self.min_pixels, self.max_pixels, self.factor)
+        return w, h
+
+
+def check_usable(image: Image.Image) -> None:
+    """A ValueError naming the problem when no budget can show `image` (an empty side, aspect ratio over 200)."""
+    smart_resize(image.height, image.width, 1, 1 << 62)
 
 
 def resize_for_model(image: Image.Image, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> Image.Image:

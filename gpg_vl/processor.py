@@ -3,7 +3,7 @@
 `VLProcessor` is a tokenizer + image processor with one code path that works with and without torchvision
 (transformers' own Qwen2VLProcessor cannot be built without it), so no global patch is needed. Its
 `min_pixels`/`max_pixels` are resolved ONCE, when the policy is loaded (the config, else the budget saved
-with the model), and every consumer (rollout engines, training forward, eval, demo, tasks) reads them here.
+with the model); `budget` hands them, with the grid factor, to every consumer (tasks, eval, demo, vLLM).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, BatchFeature
 
-from gpg_vl.images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, message_images, resize_messages
+from gpg_vl.images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, ImageBudget, message_images, resize_messages
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 
@@ -53,6 +53,7 @@ class VLProcessor:
     image_processor: object
     min_pixels: int = QWEN_MIN_PIXELS  # the image budget every image is resized into (gpg_vl.images)
     max_pixels: int = QWEN_MAX_PIXELS
+    model_type: str | None = None  # the model's family (config.json), for its native box frame
 
     @property
     def image_token_id(self) -> int:
@@ -113,6 +114,15 @@ class VLProcessor:
         """Pixels per side of one merged image token: patch x merge (28 for Qwen2/2.5-VL, 32 for Qwen3-VL)."""
         return int(self.image_processor.patch_size * self.image_processor.merge_size)
 
+    @property
+    def budget(self) -> ImageBudget:
+        """The image budget this processor resizes into, its grid factor included: what tasks, eval, the demo
+        and vLLM are handed."""
+        from gpg_vl.boxes import NATIVE_BOX_FRAMES
+
+        frame = NATIVE_BOX_FRAMES.get(self.model_type or "")
+        return ImageBudget(int(self.min_pixels), int(self.max_pixels), self.image_factor, frame)
+
     def resize(self, messages: list[dict]) -> list[dict]:
         """Messages with every image resized into this processor's pixel budget, on its patch grid."""
         return resize_messages(messages, self.min_pixels, self.max_pixels, self.image_factor)
@@ -153,4 +163,14 @@ def load_processor(
     for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if hasattr(image_processor, name):
             setattr(image_processor, name, value)
-    return VLProcessor(tokenizer, image_processor, min_pixels, max_pixels)
+    return VLProcessor(tokenizer, image_processor, min_pixels, max_pixels, _model_type(path, local_files_only))
+
+
+def _model_type(path: str | Path, local_files_only: bool) -> str | None:
+    """The `model_type` in the model's config.json (qwen2_vl, qwen2_5_vl, qwen3_vl, ...); None without one."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=local_files_only).model_type
+    except (OSError, ValueError):  # a processor-only folder: no config.json
+        return None

@@ -15,10 +15,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 from PIL import Image
 
 from gpg_vl.data import DataError
-from gpg_vl.images import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
-
-# the budget a task assumes until the trainer, eval or demo call configure_images with the policy's own
-DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = QWEN_MIN_PIXELS, QWEN_MAX_PIXELS
+from gpg_vl.images import ImageBudget
 PROMPT_STYLES = ("instruct", "base")
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
 
@@ -62,8 +59,8 @@ class Task:
                 f"{self.name or type(self).__name__}: prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}"
             )
         self.prompt_style = prompt_style
-        self.min_pixels = DEFAULT_MIN_PIXELS
-        self.max_pixels = DEFAULT_MAX_PIXELS
+        # the loaded model's budget (trainer, eval and demo call configure_images); None until then
+        self.image_budget: ImageBudget | None = None
 
     # ---- what every task implements -------------------------------------------------------------
     def load(self, path: str | None = None, split: str = "train") -> Sequence[dict]:
@@ -105,9 +102,9 @@ class Task:
         return str(example.get("origin") or f"{self.name} example {example.get('id')}")
 
     # ---- optional hooks with sensible defaults ------------------------------------------------
-    def configure_images(self, min_pixels: int, max_pixels: int) -> None:
-        """Called by trainer/eval/demo with the model's pixel budget (tasks that rescale boxes need it)."""
-        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+    def configure_images(self, budget: ImageBudget) -> None:
+        """Called by trainer/eval/demo with the loaded processor's `budget` (tasks that map boxes need it)."""
+        self.image_budget = budget
 
     def conversation(self, images: list[Image.Image], text: str) -> list[dict]:
         """Chat messages showing `images` then `text`: one user turn (instruct), or R1's system turn, the user

@@ -202,7 +202,7 @@ def train(cfg: Config) -> dict:
     check_update_resolution(model, cfg.optim.lr)  # bf16 weights at lr 1e-6 would barely train: refused
     if resume_dir is not None and is_lora(model):
         load_adapter_state_dict(model, state["adapter"])
-    task.configure_images(processor.min_pixels, processor.max_pixels)  # e.g. RefCOCO maps boxes back with it
+    task.configure_images(processor.budget)  # e.g. RefCOCO maps boxes back with it
     ref_model = None
     if algo.kl_coef > 0:  # only algorithms registered with kl_coef accept it (GPG never loads a reference)
         ref_cfg = copy.deepcopy(cfg.model)

@@ -59,7 +59,7 @@ def make_format_warm(
     processor = load_processor(base, *TINY_PIXELS)
     task_obj = get_task(task, **(task_options or {}))
     examples = task_obj.load("synthetic:512", split="warmup")
-    task_obj.configure_images(*TINY_PIXELS)
+    task_obj.configure_images(processor.budget)
     task_obj.warmup_answer(examples, random.Random(seed))  # a task with no answer form fails here, before training
 
     def answer(r: random.Random) -> str:

@@ -17,14 +17,15 @@ from typing import Any
 from PIL import Image
 
 from gpg_vl.data import DataError, data_folder, read_records, resolve_image_ref, synthetic_spec, to_pil
-from gpg_vl.images import smart_resize
 from gpg_vl.parsing import extract_answer, format_ok
 from gpg_vl.task import RewardOutput, Task
 from gpg_vl.boxes import (
+    BOX_FRAMES,
     Box,
     box_giou,
     box_iou,
     clip_box,
+    frame_size,
     grounding_metrics,
     parse_list_box,
     parse_point_pair_box,
@@ -55,6 +56,7 @@ class _BoxTask(Task):
     """
 
     box_scale: float | None = None  # the frame of example["box"]: a 0-N normalised scale, or None for pixels
+    default_box_frame: str = "thousandths"  # the frame the task's reference repo has the model answer in
 
     def __init__(
         self,
@@ -62,15 +64,23 @@ class _BoxTask(Task):
         reward: str = "iou",
         image_root: str | None = None,
         synthetic_easy: bool = False,
+        box_frame: str | None = None,
         **options,
     ):
         """reward: iou | giou. image_root: where relative image paths live (default: the data file's folder).
         synthetic_easy: the twin draws the target alone, a square in the top-left corner of a square image,
-        its side 1/4 or 3/4 of the image (the twin of benchmarks/twins/lisa.yaml; docs/learning.md says why)."""
+        its side 1/4 or 3/4 of the image (the twin of benchmarks/twins/lisa.yaml; docs/learning.md says why).
+        box_frame: the numbers the model writes a box in: thousandths (0-1000 of width and height) |
+        resized_pixels (pixels of the image the processor fed it) | auto (the loaded model family's own);
+        default: the reference repo's (lisa: thousandths as Visual-RFT, refcoco: resized_pixels as VLM-R1)."""
         super().__init__(prompt_style=prompt_style, **options)
         if reward not in REWARDS:
             raise ValueError(f"{self.name}: reward must be one of {REWARDS}, got {reward!r}")
+        box_frame = box_frame or self.default_box_frame
+        if box_frame not in (*BOX_FRAMES, "auto"):
+            raise ValueError(f"{self.name}: box_frame must be one of {(*BOX_FRAMES, 'auto')}, got {box_frame!r}")
         self.reward, self.image_root, self.synthetic_easy = reward, image_root, bool(synthetic_easy)
+        self.box_frame = box_frame
 
     # ---- what each grounding task defines ---------------------------------------------------------
     def prompt_text(self, example: dict) -> str:
@@ -80,9 +90,48 @@ class _BoxTask(Task):
         """The first box written in the task's answer form, as written."""
         raise NotImplementedError
 
+    def write_box(self, box: Box) -> str:
+        """A box in the task's answer form (the numbers rounded)."""
+        raise NotImplementedError
+
+    def truth_frame_size(self, example: dict) -> tuple[float, float]:
+        """(width, height) of the frame `example["box"]` is stored in."""
+        raise NotImplementedError
+
+    # ---- frames: the model's (box_frame) and the stored box's -------------------------------------
+    def answer_frame(self) -> str:
+        """The frame the model writes boxes in: `box_frame`, or for auto the loaded model family's."""
+        if self.box_frame != "auto":
+            return self.box_frame
+        native = self.image_budget.native_box_frame if self.image_budget is not None else None
+        if native is None:
+            raise ValueError(f"{self.name}: box_frame=auto needs a model of a known family (Qwen2-VL, Qwen2.5-VL, "
+                             f"Qwen3-VL); set task.options.box_frame to one of {BOX_FRAMES}")  # fmt: skip
+        return native
+
+    def answer_frame_size(self, example: dict) -> tuple[float, float]:
+        """(width, height) of the frame the model writes boxes in, for this example's image."""
+        frame = self.answer_frame()
+        if frame != "resized_pixels":  # a normalised frame needs no image size (an upload may not have one)
+            return frame_size(frame, None)
+        resized = self.image_budget.resized_size(*self.original_size(example)) if self.image_budget is not None else None
+        return frame_size(frame, resized)
+
     def box_in_frame(self, raw: Box, example: dict) -> Box | None:
         """A box as written, in the frame of `example["box"]` and clipped to it; None when it is not a valid box."""
-        raise NotImplementedError
+        width, height = self.truth_frame_size(example)
+        return clip_box(rescale_box(raw, self.answer_frame_size(example), (width, height)), width, height)
+
+    def reference_answer(self, example: dict) -> str | None:
+        """The true box as the model should write it: in the answer frame, in the task's answer form."""
+        return self.write_box(rescale_box(tuple(example["box"]), self.truth_frame_size(example), self.answer_frame_size(example)))
+
+    def original_size(self, example: dict) -> tuple[int, int]:
+        """(width, height) of the example's image as stored."""
+        if "width" not in example or "height" not in example:
+            # Read lazily: RefCOCO training files list ~100k images, too many headers to read at load time.
+            example["width"], example["height"] = _image_size(example["image"], f"{self.name} example {example['id']}")
+        return int(example["width"]), int(example["height"])
 
     def examples_from_row(self, row: dict, index: int, base_dir: str | None, split: str, where: str) -> list[dict]:
         """The examples one data row gives (DataError naming `where` when the row is malformed)."""
@@ -187,12 +236,12 @@ class LisaTask(_BoxTask):
     def read_box(self, text: str) -> Box | None:
         return parse_point_pair_box(text)
 
-    def box_in_frame(self, raw: Box, example: dict) -> Box | None:
-        return clip_box(raw, LISA_SCALE, LISA_SCALE)
-
-    def reference_answer(self, example: dict) -> str | None:
-        x1, y1, x2, y2 = (round(v) for v in example["box"])
+    def write_box(self, box: Box) -> str:
+        x1, y1, x2, y2 = (round(v) for v in box)
         return f"({x1},{y1}),({x2},{y2})"
+
+    def truth_frame_size(self, example: dict) -> tuple[float, float]:
+        return LISA_SCALE, LISA_SCALE
 
     def examples_from_row(self, row: dict, index: int, base_dir: str | None, split: str, where: str) -> list[dict]:
         """Visual-RFT's box file row, or a row of its SFT conversation file (see `_lisa_from_conversation`)."""
@@ -246,27 +295,17 @@ class RefCOCOTask(_BoxTask):
     def prompt_text(self, example: dict) -> str:
         return REFCOCO_PROMPT.format(problem=example["problem"])
 
+    default_box_frame = "resized_pixels"  # VLM-R1's resize_bbox: pixels of the image at the processor's size
+
     def read_box(self, text: str) -> Box | None:
         return parse_list_box(text)
 
-    def box_in_frame(self, raw: Box, example: dict) -> Box | None:
-        # The model saw the image at Qwen2-VL's resized size and answers in its pixels (VLM-R1's resize_bbox).
-        width, height = self.original_size(example)
-        seen_h, seen_w = smart_resize(height, width, self.min_pixels, self.max_pixels)
-        return clip_box(rescale_box(raw, (seen_w, seen_h), (width, height)), width, height)
-
-    def reference_answer(self, example: dict) -> str | None:
-        width, height = self.original_size(example)
-        seen_h, seen_w = smart_resize(height, width, self.min_pixels, self.max_pixels)
-        x1, y1, x2, y2 = (round(v) for v in rescale_box(tuple(example["box"]), (width, height), (seen_w, seen_h)))
+    def write_box(self, box: Box) -> str:
+        x1, y1, x2, y2 = (round(v) for v in box)
         return f"[{x1}, {y1}, {x2}, {y2}]"
 
-    def original_size(self, example: dict) -> tuple[int, int]:
-        """(width, height) of the example's image as stored."""
-        if "width" not in example or "height" not in example:
-            # Read lazily: RefCOCO training files list ~100k images, too many headers to read at load time.
-            example["width"], example["height"] = _image_size(example["image"], f"refcoco example {example['id']}")
-        return int(example["width"]), int(example["height"])
+    def truth_frame_size(self, example: dict) -> tuple[float, float]:
+        return self.original_size(example)  # RefCOCO stores boxes in pixels of the original image
 
     def examples_from_row(self, row: dict, index: int, base_dir: str | None, split: str, where: str) -> list[dict]:
         """VLM-R1's `image, problem, solution` row, or its `image, conversations` JSONL row."""

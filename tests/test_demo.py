@@ -393,8 +393,10 @@ def test_parse_box_and_ground_truth():
 def test_box_coordinates_mapped_back_to_the_image():
     from gpg_vl.registry import get_task
 
+    from gpg_vl.images import ImageBudget
+
     class Other:
-        name, min_pixels, max_pixels = "other", 56 * 56, 112 * 112
+        name, image_budget = "other", ImageBudget(56 * 56, 112 * 112, 28)
 
     assert model_to_pixels((500, 0, 1000, 500), get_task("lisa"), (200, 100)) == (100, 0, 200, 50)
     # a 224x224 image is shown to the model at 112x112: its box doubles
@@ -404,14 +406,14 @@ def test_box_coordinates_mapped_back_to_the_image():
 @pytest.mark.parametrize("name", ["lisa", "refcoco"])
 def test_grounding_task_boxes_land_on_the_truth(name):
     """A completion that answers the true box, in the task's own answer form, is drawn on the true pixels."""
-    from gpg_vl.images import message_images, smart_resize
+    from gpg_vl.images import ImageBudget, message_images, smart_resize
     from gpg_vl.registry import get_task
 
     try:
         task = get_task(name)
     except Exception as e:  # the grounding plugin is not installed here
         pytest.skip(f"task {name} unavailable: {e}")
-    task.configure_images(56 * 56, 112 * 112)
+    task.configure_images(ImageBudget(56 * 56, 112 * 112, 28))
     example = task.load("synthetic:1", split="test")[0]
     image = message_images(task.messages(example))[0]
     x1, y1, x2, y2 = example["box"]
@@ -539,7 +541,8 @@ def test_checkpoint_is_demoed_at_its_own_saved_pixel_budget(folders, tmp_path, m
     view = backend.comparison(SOURCES[0], 0, None, "", ["small-budget"], "instruct", True, 1.0, 4, 0)
     assert view.raw[0]["pixel_budget"] == [3136, 3136] and "3,136-3,136 px" in view.cards
     assert seen == [("small-budget", [(56, 56)])]
-    assert (backend.task("instruct").min_pixels, backend.task("instruct").max_pixels) == (3136, 3136)
+    budget = backend.task("instruct").image_budget
+    assert (budget.min_pixels, budget.max_pixels, budget.factor) == (3136, 3136, 28)
     view = backend.comparison(SOURCES[0], 0, None, "", ["ckpt-a"], "instruct", True, 1.0, 4, 0)
     saved = json.loads((Path(folders["a"]) / "preprocessor_config.json").read_text())["size"]
     assert view.raw[0]["pixel_budget"] == [saved["shortest_edge"], saved["longest_edge"]] != [3136, 3136]

@@ -50,7 +50,6 @@ state = PartialState(cpu=True)
 rank, world = state.process_index, state.num_processes
 out, model_dir, eval_args = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 
-from conftest import free_port
 from gpg_vl.cli import main
 from gpg_vl.config import load_config
 from gpg_vl.images import message_images
@@ -78,7 +77,7 @@ type(task).metrics = count
 
 cfg = load_config(None, [f"model.name_or_path={model_dir}", "eval.batch_size=1", "eval.max_new_tokens=6"])
 model, processor = load_policy(cfg.model, "cpu")
-task.configure_images(processor.min_pixels, processor.max_pixels)
+task.configure_images(processor.budget)
 engine = make_engine("hf", model, processor, cfg.rollout, cfg.model)
 metrics = evaluate_heldout(task, engine, examples, cfg, rank, world)
 trainer_seen, trainer_scored, seen[:] = list(seen), list(scored), []
@@ -115,7 +114,7 @@ def test_trainer_eval_split_across_two_ranks_equals_one_process(two_ranks, tiny_
     examples = task.load("synthetic:7", "test")
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "eval.batch_size=1", "eval.max_new_tokens=6"])
     model, processor = load_policy(cfg.model, "cpu")
-    task.configure_images(processor.min_pixels, processor.max_pixels)
+    task.configure_images(processor.budget)
     engine = make_engine("hf", model, processor, cfg.rollout, cfg.model)
     scored = []
     metrics_of = type(task).metrics

@@ -7,6 +7,7 @@ import pytest
 
 from gpg_vl import get_task
 from gpg_vl.data import DataError
+from gpg_vl.images import ImageBudget
 from gpg_vl.task import GroundingTask, RewardOutput, Task
 
 BUILT_IN = ("shapes", "cvbench", "geometry", "lisa", "refcoco", "classification")
@@ -61,5 +62,5 @@ def test_grounding_tasks_follow_the_protocol_and_others_do_not():
     assert lisa.predicted_box(completion, {}) == (100, 200, 1000, 400)  # clipped to the 0-1000 frame
     assert lisa.parse_box("<answer>no box</answer>") is None and lisa.predicted_box("", {}) is None
     example = {"id": "0", "image": None, "width": 224, "height": 224, "box": [0, 0, 10, 10]}
-    refcoco.configure_images(56 * 56, 112 * 112)  # the model saw 112x112: its pixels double
+    refcoco.configure_images(ImageBudget(56 * 56, 112 * 112, 28))  # the model saw 112x112: its pixels double
     assert refcoco.predicted_box("<answer>[10, 10, 56, 56]</answer>", example) == (20, 20, 112, 112)

@@ -9,11 +9,20 @@ import time
 import pytest
 from PIL import Image
 
-from gpg_vl import get_task
+from gpg_vl import get_task as registry_get_task
 from gpg_vl.data import DataError
-from gpg_vl.images import message_images, smart_resize as qwen2vl_resized_size
-from gpg_vl.boxes import box_giou, box_iou, clip_box
+from gpg_vl.images import ImageBudget, message_images, smart_resize as qwen2vl_resized_size
+from gpg_vl.boxes import box_giou, box_iou, clip_box, rescale_box
 from gpg_vl_tasks._synthetic import COLOURS
+
+QWEN2_VL_BUDGET = ImageBudget(56 * 56, 28 * 28 * 1280, 28, "thousandths")  # Qwen2-VL's processor defaults
+
+
+def get_task(name: str, **options):
+    """A grounding task as the trainer hands it over: configured with a Qwen2-VL processor's budget."""
+    task = registry_get_task(name, **options)
+    task.configure_images(QWEN2_VL_BUDGET)
+    return task
 
 TARGET = [100.0, 200.0, 300.0, 400.0]  # a 200 x 200 box; on LISA's 0-1000 scale or in RefCOCO pixels
 
@@ -135,13 +144,13 @@ def test_format_reward_and_base_style_prefix():
 
 def test_refcoco_answer_is_rescaled_from_the_resized_image():
     task = get_task("refcoco")
-    task.configure_images(3136, 100352)  # the 500 x 300 image is fed at 392 x 224 (see the resize test)
+    task.configure_images(ImageBudget(3136, 100352, 28))  # the 500 x 300 image is fed at 392 x 224 (see the resize test)
     example = _refcoco_example()  # target [125, 75, 250, 150] in original pixels
     # [98, 56, 196, 112] on 392 x 224 is 98*500/392 = 125, 56*300/224 = 75, 250, 150 in the original
     answer = '<think>red shirt</think><answer>{"bbox_2d": [98, 56, 196, 112], "label": "man"}</answer>'
     assert task.score(answer, example).components == {"format": 1.0, "iou": pytest.approx(1.0)}
     # With a larger pixel budget the image is fed at 504 x 308, so the same answer means a different box.
-    task.configure_images(3136, 1003520)
+    task.configure_images(ImageBudget(3136, 1003520, 28))
     mapped_back = (98 * 500 / 504, 56 * 300 / 308, 196 * 500 / 504, 112 * 300 / 308)  # (97.2, 54.5, 194.4, 109.1)
     expected = box_iou(mapped_back, (125, 75, 250, 150))
     assert expected < 0.6 and task.score(answer, example).components["iou"] == pytest.approx(expected)
@@ -314,7 +323,7 @@ def test_synthetic_twin_is_deterministic_and_its_boxes_verify(name):
             answer = "({:.0f},{:.0f}),({:.0f},{:.0f})".format(*example["box"])
         else:
             x1, y1, x2, y2 = example["box"]
-            seen_h, seen_w = qwen2vl_resized_size(h, w, task.min_pixels, task.max_pixels)
+            seen_w, seen_h = task.image_budget.resized_size(w, h)
             sx, sy = seen_w / w, seen_h / h  # the model answers in pixels of the image it was fed
             answer = f"[{x1 * sx:.0f}, {y1 * sy:.0f}, {x2 * sx:.0f}, {y2 * sy:.0f}]"
         # A point inside every shape (a triangle's centroid lies at 2/3 of its height) has the named colour.
@@ -342,3 +351,80 @@ def test_easy_twin_is_one_corner_square_of_two_sizes_true_of_the_pixels(name):
         thousandths.add(tuple(round(v / w * 1000 / 12.5) * 12.5 for v in box))  # to the nearest 12.5
         assert task.score(f"<think>x</think><answer>{task.reference_answer(example)}</answer>", example).components["iou"] > 0.9
     assert thousandths == {(0, 0, 250, 250), (0, 0, 750, 750)}
+
+
+# ---- each family's coordinate frame, with its real processor ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_processors(tmp_path_factory):
+    """The processor of each tiny family as `load_processor` reads it from a saved folder (factor, model_type)."""
+    from gpg_vl.processor import load_processor
+    from gpg_vl.tiny import ARCHES, make_tiny
+
+    root = tmp_path_factory.mktemp("families")
+    return {arch: load_processor(make_tiny(root / arch, arch=arch)) for arch in ARCHES}
+
+
+def test_each_family_budget_has_its_grid_factor_and_native_frame(family_processors):
+    budgets = {arch: p.budget for arch, p in family_processors.items()}
+    assert {a: (b.factor, b.native_box_frame) for a, b in budgets.items()} == {
+        "qwen2_vl": (28, "thousandths"), "qwen2_5_vl": (28, "resized_pixels"), "qwen3_vl": (32, "thousandths"),
+    }  # fmt: skip
+    # the tiny kit's 56x56..112x112 budget: a 100x100 image is fed at 112x112 on 28 px, at 96x96 on 32 px
+    assert budgets["qwen2_vl"].resized_size(100, 100) == (112, 112)
+    assert budgets["qwen3_vl"].resized_size(100, 100) == (96, 96)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("name", ["lisa", "refcoco"])
+def test_auto_frame_reference_scores_one_and_the_wrong_frame_scores_the_ratio(family_processors, arch, name):
+    """With box_frame=auto, the reference answer written in the family's own frame scores IoU 1.0 on the
+    grounding twin; the same numbers read in the other frame score the IoU the two frames' sizes imply."""
+    budget = family_processors[arch].budget
+    task = registry_get_task(name, box_frame="auto")
+    task.configure_images(budget)
+    native = budget.native_box_frame
+    assert task.answer_frame() == native
+    for example in task.load("synthetic:6", split="test"):
+        truth_size = task.truth_frame_size(example)
+        exact = rescale_box(tuple(example["box"]), truth_size, task.answer_frame_size(example))  # the native frame
+        reference = ("({:.3f},{:.3f}),({:.3f},{:.3f})" if name == "lisa" else "[{:.3f}, {:.3f}, {:.3f}, {:.3f}]").format(*exact)
+        assert task.score(f"<think>x</think><answer>{reference}</answer>", example).components["iou"] == pytest.approx(1.0, abs=1e-4)
+        rounded = task.reference_answer(example)  # whole numbers, as the warm-up writes them: close on a 112 px image
+        assert task.score(f"<think>x</think><answer>{rounded}</answer>", example).components["iou"] > 0.85, rounded
+
+        wrong = registry_get_task(name, box_frame="resized_pixels" if native == "thousandths" else "thousandths")
+        wrong.configure_images(budget)
+        raw = wrong.parse_box(f"<answer>{reference}</answer>")
+        # read in the wrong frame, the box is scaled by (wrong frame size / right frame size) on each axis
+        w, h = task.original_size(example)
+        seen_w, seen_h = budget.resized_size(w, h)
+        right_size, wrong_size = ((1000, 1000), (seen_w, seen_h)) if native == "thousandths" else ((seen_w, seen_h), (1000, 1000))
+        implied = tuple(v * truth_size[i % 2] / wrong_size[i % 2] for i, v in enumerate(raw))
+        truth_in_right = tuple(v * truth_size[i % 2] / right_size[i % 2] for i, v in enumerate(raw))
+        expected = box_iou(clip_box(implied, *truth_size), truth_in_right) if clip_box(implied, *truth_size) else 0.0
+        got = wrong.score(f"<answer>{reference}</answer>", example).components["iou"]
+        assert got == pytest.approx(expected, abs=1e-9) and got < 0.5, (got, expected)
+
+
+def test_refcoco_box_maps_back_on_a_factor_32_processor(family_processors):
+    """Issue 25: a Qwen3-VL processor resizes on 32, so a 100x100 image is fed at 96x96, not Qwen2-VL's
+    112x112. A RefCOCO answer in resized pixels maps back through 96: [24, 24, 72, 72] is [25, 25, 75, 75]."""
+    task = registry_get_task("refcoco")  # resized_pixels, as VLM-R1
+    task.configure_images(family_processors["qwen3_vl"].budget)
+    example = {"id": "0", "image": None, "width": 100, "height": 100, "box": [25, 25, 75, 75]}
+    assert task.predicted_box("<answer>[24, 24, 72, 72]</answer>", example) == pytest.approx((25, 25, 75, 75))
+    assert task.reference_answer(example) == "[24, 24, 72, 72]"
+    task.configure_images(family_processors["qwen2_vl"].budget)  # on 28 the same numbers are another box
+    assert task.predicted_box("<answer>[24, 24, 72, 72]</answer>", example) == pytest.approx((24 * 100 / 112, 24 * 100 / 112, 72 * 100 / 112, 72 * 100 / 112))
+
+
+def test_box_frame_option_is_checked_and_auto_needs_a_known_family():
+    with pytest.raises(ValueError, match=r"box_frame must be one of \('thousandths', 'resized_pixels', 'auto'\), got 'pixels'"):
+        registry_get_task("lisa", box_frame="pixels")
+    task = registry_get_task("refcoco", box_frame="auto")
+    task.configure_images(ImageBudget(3136, 12544, 28))  # a model whose family is not known
+    with pytest.raises(ValueError, match="box_frame=auto needs a model of a known family"):
+        task.answer_frame()
+    assert registry_get_task("lisa").box_frame == "thousandths" and registry_get_task("refcoco").box_frame == "resized_pixels"

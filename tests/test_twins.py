@@ -15,6 +15,7 @@ import pytest
 
 from gpg_vl.builtin import BUILTINS
 from gpg_vl.config import load_config
+from gpg_vl.images import ImageBudget
 from gpg_vl.registry import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def test_the_reference_answer_earns_the_full_reward(name):
     """Written in <answer>, an example's reference answer is right by the task's own reward (IoU > 0.9 for boxes),
     and another example's reference is a well-formed answer: what the format warm-up teaches."""
     task = get_task(name)
-    task.configure_images(3136, 12544)
+    task.configure_images(ImageBudget(3136, 12544, 28))
     examples = task.load("synthetic:12", split="test")
     for example in examples:
         completion = f"<think>look</think><answer>{task.reference_answer(example)}</answer>"
