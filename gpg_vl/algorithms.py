@@ -1,28 +1,51 @@
-"""Group advantages and policy losses for GPG (Chu et al., arXiv 2504.02546) and its baselines GRPO and Dr.GRPO.
+"""Group advantages and policy losses for GPG (Chu et al., arXiv 2504.02546) and its baselines GRPO, Dr.GRPO,
+DAPO, GSPO, RLOO and CISPO.
 
-Estimators and losses are plain functions in two registries keyed by the names used in YAML, CLI and logs
-("gpg", "grpo", "dr_grpo"); the trainer calls every one the same way through `compute_advantages` and
-`compute_policy_loss`. Layout: B prompts x G completions, group-contiguous (prompt 0's G completions first).
+One `AlgorithmSpec` per name used in YAML, CLI and logs, in `ALGORITHMS`; the trainer calls every one the
+same way through `compute_advantages` and `compute_policy_loss` (which also applies the optional rollout
+correction, TIS). Layout: B prompts x G completions, group-contiguous (prompt 0's G completions first).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
-POLICY_LOSSES: dict[str, Callable] = {}
-# Facts the config reads from the registries (never from a hard-coded list of names): per algorithm its
-# default aggregation, its default std normalisation, and which tunable options it accepts.
-DEFAULT_LOSS_AGG: dict[str, str] = {}
-DEFAULT_STD_NORMALIZE: dict[str, bool] = {}
-ADVANTAGE_OPTIONS: dict[str, tuple[str, ...]] = {}
-LOSS_OPTIONS: dict[str, tuple[str, ...]] = {}
 LOSS_AGG_MODES = ("token_mean", "seq_mean", "token_sum_norm")
 #: `algorithm.*` config fields that only some algorithms use; each registration says which ones it takes.
-TUNABLE_OPTIONS = ("std_normalize", "clip_eps", "kl_coef", "num_iterations")
+TUNABLE_OPTIONS = ("std_normalize", "clip_eps", "clip_eps_high", "kl_coef", "num_iterations")
+#: What an option is when the algorithm registers no default for it (clip_eps_high: null = clip_eps).
+OPTION_DEFAULTS = {"clip_eps": 0.2, "clip_eps_high": None}
+ROLLOUT_CORRECTIONS = ("none", "tis")
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """Everything the trainer and the config know about one algorithm: its advantage estimator and policy
+    loss (each None until registered), their defaults, and which of TUNABLE_OPTIONS it accepts."""
+
+    name: str
+    advantage: Callable | None = None
+    std_normalize: bool = False  # default F_norm: divide advantages by the group std
+    advantage_options: tuple[str, ...] = ()
+    loss: Callable | None = None
+    loss_agg: str = "token_mean"  # default aggregation mode
+    loss_options: tuple[str, ...] = ()
+    option_defaults: tuple[tuple[str, float], ...] = ()  # e.g. (("clip_eps_high", 0.28),) for dapo
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(o for o in TUNABLE_OPTIONS if o in self.advantage_options + self.loss_options)
+
+    def default(self, option: str):
+        """The algorithm's own default for clip_eps / clip_eps_high, else OPTION_DEFAULTS'."""
+        return dict(self.option_defaults).get(option, OPTION_DEFAULTS.get(option))
+
+
+#: The one registry: name -> AlgorithmSpec. Registering a half replaces the entry (specs are frozen).
+ALGORITHMS: dict[str, AlgorithmSpec] = {}
 
 
 def _check_options(name: str, options, allowed: tuple[str, ...]) -> tuple[str, ...]:
@@ -40,65 +63,65 @@ def register_advantage(name: str, *, std_normalize: bool = False, options=("std_
     options = _check_options(name, options, ("std_normalize",))
 
     def decorate(fn):
-        if name in ADVANTAGE_ESTIMATORS:
+        spec = ALGORITHMS.get(name, AlgorithmSpec(name))
+        if spec.advantage is not None:
             raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGE_ESTIMATORS[name], DEFAULT_STD_NORMALIZE[name], ADVANTAGE_OPTIONS[name] = fn, std_normalize, options
+        ALGORITHMS[name] = replace(spec, advantage=fn, std_normalize=std_normalize, advantage_options=options)
         return fn
 
     return decorate
 
 
-def register_policy_loss(name: str, loss_agg: str = "token_mean", options=()):
-    """Decorator: `fn(logprobs, advantages, mask, *, old_logprobs, ref_logprobs, clip_eps, kl_coef)`
-    -> (per-token loss [B*G, L], metrics). `compute_policy_loss` aggregates it (`loss_agg` is the default mode).
+def register_policy_loss(name: str, loss_agg: str = "token_mean", options=(), defaults: dict | None = None):
+    """Decorator: `fn(logprobs, advantages, mask, *, old_logprobs, ref_logprobs, clip_eps, clip_eps_high,
+    kl_coef)` -> (per-token loss [B*G, L], metrics). `compute_policy_loss` aggregates it (`loss_agg` is the
+    default mode).
 
     The trainer passes every keyword to every loss (take `**_` for those you ignore); `options` names the
-    ones among clip_eps, kl_coef, num_iterations the loss really uses, so the config rejects the others
-    instead of silently ignoring them, and loads a reference model exactly when kl_coef > 0."""
+    ones among clip_eps, clip_eps_high, kl_coef, num_iterations the loss really uses, so the config rejects
+    the others instead of silently ignoring them, and loads a reference model exactly when kl_coef > 0.
+    `defaults` sets this algorithm's own clip_eps / clip_eps_high (the config's null takes them)."""
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"unknown loss_agg {loss_agg!r}; valid: {', '.join(LOSS_AGG_MODES)}")
     options = _check_options(name, options, TUNABLE_OPTIONS[1:])
+    defaults = dict(defaults or {})
+    _check_options(name, defaults, tuple(OPTION_DEFAULTS))
 
     def decorate(fn):
-        if name in POLICY_LOSSES:
+        spec = ALGORITHMS.get(name, AlgorithmSpec(name))
+        if spec.loss is not None:
             raise ValueError(f"policy loss {name!r} is already registered")
-        POLICY_LOSSES[name], DEFAULT_LOSS_AGG[name], LOSS_OPTIONS[name] = fn, loss_agg, options
+        ALGORITHMS[name] = replace(spec, loss=fn, loss_agg=loss_agg, loss_options=options,
+                                   option_defaults=tuple(sorted(defaults.items())))
         return fn
 
     return decorate
 
 
-@dataclass(frozen=True)
-class AlgorithmFacts:
-    """What the config needs to know about a registered algorithm (an estimator and a loss of one name)."""
-
-    name: str
-    std_normalize: bool  # default F_norm: divide advantages by the group std
-    loss_agg: str  # default aggregation mode
-    options: tuple[str, ...]  # which of TUNABLE_OPTIONS it accepts
+def registered_algorithms() -> list[str]:
+    """Names registered here as both an advantage estimator and a policy loss, sorted (gpg_vl.registry's
+    `available_algorithms` adds those an installed package offers by entry point)."""
+    return sorted(n for n, s in ALGORITHMS.items() if s.advantage is not None and s.loss is not None)
 
 
-def available_algorithms() -> list[str]:
-    """Names registered as both an advantage estimator and a policy loss, sorted."""
-    return sorted(set(ADVANTAGE_ESTIMATORS) & set(POLICY_LOSSES))
-
-
-def algorithm_facts(name: str) -> AlgorithmFacts:
-    """The registries' facts about `name`; KeyError naming the valid algorithms (or the missing half)."""
-    if name not in ADVANTAGE_ESTIMATORS and name not in POLICY_LOSSES:
-        raise KeyError(f"unknown algorithm {name!r}; valid names: {', '.join(available_algorithms())}")
-    for registry, kind, decorator in ((ADVANTAGE_ESTIMATORS, "advantage estimator", "register_advantage"),
-                                      (POLICY_LOSSES, "policy loss", "register_policy_loss")):
-        if name not in registry:
+def algorithm_spec(name: str) -> AlgorithmSpec:
+    """The complete spec of `name`; KeyError naming the valid algorithms (or the missing half)."""
+    if name not in ALGORITHMS:
+        raise KeyError(f"unknown algorithm {name!r}; valid names: {', '.join(registered_algorithms())}")
+    spec = ALGORITHMS[name]
+    for part, kind, decorator in (("advantage", "advantage estimator", "register_advantage"),
+                                  ("loss", "policy loss", "register_policy_loss")):
+        if getattr(spec, part) is None:
             raise KeyError(f"algorithm {name!r} has no {kind}; register one with @algorithms.{decorator}({name!r})")
-    options = tuple(o for o in TUNABLE_OPTIONS if o in ADVANTAGE_OPTIONS[name] + LOSS_OPTIONS[name])
-    return AlgorithmFacts(name, DEFAULT_STD_NORMALIZE[name], DEFAULT_LOSS_AGG[name], options)
+    return spec
 
 
-def _lookup(registry: dict[str, Callable], name: str, kind: str) -> Callable:
-    if name not in registry:
-        raise KeyError(f"unknown {kind} {name!r}; valid names: {', '.join(sorted(registry))}")
-    return registry[name]
+def _lookup(name: str, part: str, kind: str) -> Callable:
+    fn = getattr(ALGORITHMS[name], part) if name in ALGORITHMS else None
+    if fn is None:
+        valid = sorted(n for n, s in ALGORITHMS.items() if getattr(s, part) is not None)
+        raise KeyError(f"unknown {kind} {name!r}; valid names: {', '.join(valid)}")
+    return fn
 
 
 # ---------------------------------------------------------------- groups, AGE alpha, beta_th
@@ -148,8 +171,8 @@ def compute_advantages(
     eps: float = 1e-6, atol: float = 1e-6,
 ) -> torch.Tensor:
     """advantages [B*G] from rewards [B*G]; std_normalize=None takes the algorithm's own default."""
-    estimator = _lookup(ADVANTAGE_ESTIMATORS, name, "advantage estimator")
-    std_normalize = DEFAULT_STD_NORMALIZE[name] if std_normalize is None else std_normalize
+    estimator = _lookup(name, "advantage", "advantage estimator")
+    std_normalize = ALGORITHMS[name].std_normalize if std_normalize is None else std_normalize
     return estimator(rewards, group_size=group_size, std_normalize=std_normalize, eps=eps, atol=atol)
 
 
@@ -185,6 +208,40 @@ def compute_dr_grpo_advantages(rewards, *, group_size, std_normalize=False, eps=
     if std_normalize:
         raise ValueError("dr_grpo does not divide by the group std; use grpo for std-normalised advantages")
     return _group_relative(rewards, group_size, False, eps, atol)
+
+
+@register_advantage("rloo", std_normalize=False, options=())
+def compute_rloo_advantages(rewards, *, group_size, std_normalize=False, eps=1e-6, atol=1e-6):
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): r_i minus the mean of the group's OTHER G-1 rewards,
+    = G / (G-1) * (r_i - group mean): the unbiased form of GPG's baseline, whose expected gradient is
+    (G-1)/G of the true one. Equal-reward groups get exactly 0, as everywhere."""
+    return _group_relative(rewards, group_size, False, eps, atol) * (group_size / (group_size - 1))
+
+
+# dapo, gspo and cispo take GRPO's advantage (r - mean) / (std + eps) as their papers do.
+for _name in ("dapo", "gspo", "cispo"):
+    register_advantage(_name, std_normalize=True)(compute_grpo_advantages)
+del _name
+
+
+def verl_gpg_alpha(rewards: torch.Tensor) -> float:
+    """verl's `gpg` alpha: (number of samples) / (samples whose raw reward is nonzero), clamped at 1 sample.
+
+    Not the paper's B / (B - M): it counts samples, not groups, and a sample, not a group, is "valid" when its
+    reward is nonzero, so an all-correct group raises it and a mixed group's zero-reward samples count as
+    invalid. Shown beside `age_alpha` in docs/algorithms.md; gpg-vl trains with the paper's."""
+    return rewards.numel() / max(int(torch.count_nonzero(rewards)), 1)
+
+
+def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to the reward: 0 up to
+    max_length - buffer tokens, then falling linearly to -1 at max_length, and -1 beyond it."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"overlong buffer must be in (0, max_length={max_length}], got {buffer}")
+    free = max_length - buffer
+    if length <= free:
+        return 0.0
+    return (free - length) / buffer if length <= max_length else -1.0
 
 
 # ---------------------------------------------------------------- aggregation
@@ -227,15 +284,19 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 def compute_policy_loss(
     name: str, logprobs: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor, *,
-    alpha: float = 1.0, valid_fraction: float | None = None, loss_agg: str | None = None,
-    total_tokens=None, total_sequences=None, max_response_length: int | None = None, **loss_options,
+    alpha: float = 1.0, loss_agg: str | None = None, total_tokens=None, total_sequences=None,
+    max_response_length: int | None = None, rollout_logprobs: torch.Tensor | None = None,
+    rollout_correction: str = "none", tis_cap: float = 2.0, **loss_options,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """loss = alpha * agg(per-token loss of `name`), plus python-float metrics for logging.
+    """loss = alpha * agg(w * per-token loss of `name`), plus python-float metrics for logging.
 
-    logprobs, response_mask (and old_logprobs, ref_logprobs in `loss_options`): [B*G, L];
+    logprobs, response_mask (and old_logprobs, ref_logprobs in `loss_options`, rollout_logprobs): [B*G, L];
     advantages: [B*G] (one per completion, broadcast over its tokens) or [B*G, L].
-    loss_agg=None takes the algorithm's default (gpg: token_mean, grpo: seq_mean, dr_grpo: token_sum_norm)."""
-    loss_fn = _lookup(POLICY_LOSSES, name, "policy loss")
+    loss_agg=None takes the algorithm's default (gpg: token_mean, grpo: seq_mean, dr_grpo: token_sum_norm).
+    rollout_correction="tis": w = min(exp(old - rollout_logprobs), tis_cap), detached, per token (truncated
+    importance sampling from the engine's sampling distribution to the trainer's; old = the trainer's
+    log-probs before this step's update, `old_logprobs`, else logprobs.detach()); "none": w = 1."""
+    loss_fn = _lookup(name, "loss", "policy loss")
     if logprobs.shape != response_mask.shape or advantages.shape[0] != logprobs.shape[0]:
         raise ValueError(f"shape mismatch: logprobs {tuple(logprobs.shape)}, response_mask "
                          f"{tuple(response_mask.shape)}, advantages {tuple(advantages.shape)}")
@@ -244,21 +305,44 @@ def compute_policy_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)  # [B*G, 1]
     loss_mat, metrics = loss_fn(logprobs, advantages, mask, **loss_options)  # [B*G, L]
-    mode = DEFAULT_LOSS_AGG[name] if loss_agg is None else loss_agg
+    if rollout_correction == "tis":
+        weights = tis_weights(loss_options.get("old_logprobs"), logprobs, rollout_logprobs, mask, tis_cap)
+        loss_mat = loss_mat * weights
+        metrics.update(tis_weight_mean=_masked_mean(weights, mask), tis_capped_fraction=_masked_mean((weights >= tis_cap).float(), mask))
+    elif rollout_correction != "none":
+        raise ValueError(f"unknown rollout_correction {rollout_correction!r}; valid: {', '.join(ROLLOUT_CORRECTIONS)}")
+    mode = ALGORITHMS[name].loss_agg if loss_agg is None else loss_agg
     agg = agg_loss(loss_mat, mask, mode, total_tokens=total_tokens, total_sequences=total_sequences,
                    max_response_length=max_response_length)
     # alpha = 0 (no valid group) gives an exact, finite 0 since the aggregated loss is finite.
     loss = alpha * agg
     metrics.update(policy_loss=float(loss.detach()), alpha=float(alpha),
                    adv_abs_mean=_masked_mean(advantages.abs(), mask))
-    if valid_fraction is not None:
-        metrics["valid_fraction"] = float(valid_fraction)
     return loss, metrics
+
+
+def tis_weights(old_logprobs, logprobs, rollout_logprobs, mask, cap: float) -> torch.Tensor:
+    """Truncated importance weights [B*G, L]: min(pi_train / pi_rollout, cap) per sampled token, 0 on padding."""
+    if rollout_logprobs is None:
+        raise ValueError("rollout_correction='tis' needs rollout_logprobs (the engine's sampled-token log-probs)")
+    if cap <= 0:
+        raise ValueError(f"tis_cap must be > 0, got {cap}")
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.detach()
+    delta = torch.where(mask, old - rollout_logprobs.to(old.device, old.dtype), torch.zeros_like(old))
+    return torch.exp(delta).clamp(max=cap)  # detached: a weight, not a path for gradients
+
+
+def mismatch_stats(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[float, float, int]:
+    """(sum, max, count) of |trainer - rollout| log-prob over the masked completion tokens, for
+    `rollout/mismatch_mean` and `rollout/mismatch_max` (sums so micro-batches and ranks combine exactly)."""
+    mask = mask.bool()
+    delta = (trainer_logprobs.detach().float() - rollout_logprobs.to(trainer_logprobs.device).float()).abs()[mask]
+    return float(delta.sum()), float(delta.max()) if delta.numel() else 0.0, int(delta.numel())
 
 
 @register_policy_loss("gpg", loss_agg="token_mean")
 def gpg_policy_loss(logprobs, advantages, mask, *, old_logprobs=None, ref_logprobs=None, clip_eps=0.2,
-                    kl_coef=0.0):
+                    kl_coef=0.0, **_):
     """GPG (arXiv 2504.02546): the plain policy-gradient surrogate, per token -A_i * log pi(o_i,t | q, o_i,<t).
 
     No ratio, no clip, no KL, no reference: GPG optimises the original objective with one gradient step per
@@ -268,18 +352,22 @@ def gpg_policy_loss(logprobs, advantages, mask, *, old_logprobs=None, ref_logpro
     return -advantages * logprobs, {}  # [B*G, L]
 
 
-def _clipped_surrogate(logprobs, advantages, mask, old_logprobs, ref_logprobs, clip_eps, kl_coef):
-    """PPO clip (Schulman et al. 2017) as in GRPO's objective: max(-A r, -A clip(r, 1-eps, 1+eps)) + beta * k3 KL.
+def _ratio(logprobs, old_logprobs, mask):
+    """r = exp(logprobs - old_logprobs) per token [B*G, L]; old_logprobs=None means on-policy (r = 1)."""
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    # Trap: exp of garbage in padded positions can be inf, and inf * 0 in backward is NaN; zero them first.
+    return torch.exp(torch.where(mask, logprobs - old, torch.zeros_like(logprobs)))
 
-    r = exp(logprobs - old_logprobs); old_logprobs=None means on-policy (old = logprobs.detach(), r = 1)."""
+
+def _clipped_surrogate(logprobs, advantages, mask, old_logprobs, ref_logprobs, clip_eps, kl_coef, clip_eps_high=None):
+    """PPO clip (Schulman et al. 2017) as in GRPO's objective: max(-A r, -A clip(r, 1-eps, 1+eps_high)) +
+    beta * k3 KL; eps_high=None is eps (symmetric; DAPO's clip-higher sets it apart)."""
     if kl_coef and ref_logprobs is None:
         raise ValueError("kl_coef > 0 needs ref_logprobs")
-    old = logprobs.detach() if old_logprobs is None else old_logprobs
     zero = torch.zeros_like(logprobs)
-    # Trap: exp of garbage in padded positions can be inf, and inf * 0 in backward is NaN; zero them first.
-    ratio = torch.exp(torch.where(mask, logprobs - old, zero))  # [B*G, L]
+    ratio = _ratio(logprobs, old_logprobs, mask)  # [B*G, L]
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + (clip_eps if clip_eps_high is None else clip_eps_high))
     loss_mat = torch.maximum(unclipped, clipped)  # [B*G, L]
     metrics = {"clip_fraction": _masked_mean((clipped > unclipped).float(), mask),
                "ratio_mean": _masked_mean(ratio, mask)}
@@ -293,14 +381,63 @@ def _clipped_surrogate(logprobs, advantages, mask, old_logprobs, ref_logprobs, c
 
 @register_policy_loss("grpo", loss_agg="seq_mean", options=("clip_eps", "kl_coef", "num_iterations"))
 def grpo_policy_loss(logprobs, advantages, mask, *, old_logprobs=None, ref_logprobs=None, clip_eps=0.2,
-                     kl_coef=0.0):
+                     kl_coef=0.0, **_):
     """GRPO (DeepSeekMath, Shao et al. 2024): clipped surrogate, optional k3 KL, per-sequence mean."""
     return _clipped_surrogate(logprobs, advantages, mask, old_logprobs, ref_logprobs, clip_eps, kl_coef)
 
 
 @register_policy_loss("dr_grpo", loss_agg="token_sum_norm", options=("clip_eps",))
 def dr_grpo_policy_loss(logprobs, advantages, mask, *, old_logprobs=None, ref_logprobs=None, clip_eps=0.2,
-                        kl_coef=0.0):
+                        kl_coef=0.0, **_):
     """Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): GRPO's clipped surrogate, token sum
     divided by a constant (max_response_length) so long and short answers weigh the same per token."""
     return _clipped_surrogate(logprobs, advantages, mask, old_logprobs, ref_logprobs, clip_eps, kl_coef)
+
+
+# Reductions with num_iterations=1 and an exactly on-policy rollout (old_logprobs = logprobs.detach(), every
+# ratio 1, no clip active): dapo and cispo have GPG's gradient with std-normalised advantages (token_mean),
+# gspo has GRPO's (seq_mean, no KL), rloo has G/(G-1) times GPG's. docs/algorithms.md#reductions.
+
+
+@register_policy_loss("dapo", loss_agg="token_mean", options=("clip_eps", "clip_eps_high", "num_iterations"),
+                      defaults={"clip_eps_high": 0.28})
+def dapo_policy_loss(logprobs, advantages, mask, *, old_logprobs=None, clip_eps=0.2, clip_eps_high=0.28, **_):
+    """DAPO (Yu et al. 2025, arXiv 2503.14476): PPO clip with a higher upper bound ("clip-higher", eps_low 0.2,
+    eps_high 0.28), token-level aggregation, no KL. On-policy: ratio 1, per-token gradient -A d log pi."""
+    return _clipped_surrogate(logprobs, advantages, mask, old_logprobs, None, clip_eps, 0.0, clip_eps_high)
+
+
+@register_policy_loss("gspo", loss_agg="seq_mean", options=("clip_eps", "clip_eps_high", "num_iterations"),
+                      defaults={"clip_eps": 3e-4, "clip_eps_high": 4e-4})
+def gspo_policy_loss(logprobs, advantages, mask, *, old_logprobs=None, clip_eps=3e-4, clip_eps_high=4e-4, **_):
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071): one ratio per sequence, s_i = exp(mean_t (log pi - log
+    pi_old)), the geometric mean of its token ratios, in max(-A s, -A clip(s, 1-eps, 1+eps_high)); the
+    paper's eps are 3e-4 / 4e-4. Returned broadcast over the sequence's tokens, so `seq_mean` (default) is
+    the paper's mean over sequences. On-policy: s = 1 and d s / d log pi_t = 1 / |o_i|: GRPO's gradient."""
+    log_ratio = torch.where(mask, logprobs - (logprobs.detach() if old_logprobs is None else old_logprobs),
+                            torch.zeros_like(logprobs))
+    seq_ratio = torch.exp(log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1))  # [B*G, 1]
+    unclipped = -advantages * seq_ratio
+    clipped = -advantages * seq_ratio.clamp(1 - clip_eps, 1 + clip_eps_high)
+    per_seq = torch.maximum(unclipped, clipped)  # [B*G, 1]
+    metrics = {"clip_fraction": _masked_mean((clipped > unclipped).float(), mask),
+               "ratio_mean": _masked_mean(seq_ratio, mask)}
+    return per_seq.expand_as(logprobs), metrics
+
+
+@register_policy_loss("rloo", loss_agg="token_mean", options=())
+def rloo_policy_loss(logprobs, advantages, mask, **_):
+    """RLOO's REINFORCE term, per token -A * log pi, on-policy like GPG (its advantage is what differs)."""
+    return -advantages * logprobs, {}
+
+
+@register_policy_loss("cispo", loss_agg="token_mean", options=("clip_eps_high", "num_iterations"),
+                      defaults={"clip_eps_high": 5.0})
+def cispo_policy_loss(logprobs, advantages, mask, *, old_logprobs=None, clip_eps_high=5.0, **_):
+    """CISPO (MiniMax-M1, arXiv 2506.13585): per token -sg(min(r, 1 + eps_high)) * A * log pi. The weight is
+    clipped (no lower bound, as the paper sets eps_low large) and detached, so every token keeps a gradient,
+    unlike PPO's clip that drops it. Default eps_high 5.0 (ScaleRL's, TRL's recommendation). On-policy: r = 1."""
+    weight = _ratio(logprobs, old_logprobs, mask).detach().clamp(max=1 + clip_eps_high)  # [B*G, L]
+    metrics = {"clip_fraction": _masked_mean((weight >= 1 + clip_eps_high).float(), mask),
+               "ratio_mean": _masked_mean(weight, mask)}
+    return -advantages * weight * logprobs, metrics

@@ -206,13 +206,15 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     name: str = option("gpg", choices=_algorithms)
-    """Policy-gradient algorithm: gpg | grpo | dr_grpo, or one a plugin registers (see `plugin`)."""
+    """Policy-gradient algorithm: gpg | grpo | dr_grpo | dapo | gspo | rloo | cispo, or one a plugin
+    registers (see `plugin`)."""
     plugin: str | None = option(None, note="an existing .py file or an importable module")
     """A Python file (path/to/file.py) or module (pkg.module) imported before the config is checked, so
     the algorithms it registers with gpg_vl.algorithms' decorators can be named in `name`."""
     std_normalize: bool | None = option(None, note="true, false, or null for the algorithm's registered default")
-    """Divide advantages by the group std (F_norm). null: the algorithm's registered default (off for gpg and
-    dr_grpo, on for grpo); only algorithms registered with this option accept a value that differs."""
+    """Divide advantages by the group std (F_norm). null: the algorithm's registered default (off for gpg,
+    dr_grpo and rloo, on for grpo, dapo, gspo and cispo); only algorithms registered with this option
+    accept a value that differs."""
     loss_agg: str | None = option(None, choices=_loss_aggs)
     """token_mean | seq_mean | token_sum_norm. null: the algorithm's registered default."""
     min_valid_fraction: float = option(0.6, ge=0, le=1)
@@ -225,14 +227,28 @@ class AlgorithmConfig:
     that differ only in format do not count). Advantages always use the total."""
     age: bool = True
     """Accurate gradient estimation: scale the loss by alpha = B / (B - M)."""
-    clip_eps: float = option(0.2, gt=0, lt=1)
-    """PPO clip range for the probability ratio (algorithms registered with clip_eps: grpo, dr_grpo)."""
+    clip_eps: float | None = option(None, gt=0, lt=1)
+    """Lower clip range eps of the probability ratio, clip(r, 1 - eps, 1 + clip_eps_high). null: the
+    algorithm's registered default (0.2; gspo 3e-4). Taken by grpo, dr_grpo, dapo, gspo."""
+    clip_eps_high: float | None = option(None, gt=0)
+    """Upper clip range. null: the algorithm's default (dapo 0.28, gspo 4e-4, cispo 5.0: CISPO's only bound,
+    on its detached weight), else clip_eps. Taken by dapo, gspo, cispo."""
     kl_coef: float = option(0.0, ge=0)
     """Weight of the k3 KL penalty to a frozen reference model, loaded exactly when this is > 0
     (algorithms registered with kl_coef: grpo)."""
     num_iterations: int = option(1, ge=1)
     """Optimisation passes over each rollout batch; 1 keeps it on-policy (algorithms registered with
-    num_iterations: grpo)."""
+    num_iterations: grpo, dapo, gspo, cispo)."""
+    rollout_correction: str = option("none", choices=("none", "tis"))
+    """none | tis: weight every algorithm's per-token loss by min(pi_train / pi_rollout, tis_cap), the
+    truncated importance ratio between the trainer's and the rollout engine's sampled-token log-probs."""
+    tis_cap: float = option(2.0, gt=0)
+    """Cap on the TIS weight (rollout_correction: tis)."""
+    overlong_buffer: int = option(0, ge=0)
+    """DAPO's soft overlong penalty, added to the reward: its L_cache in tokens (0: off). Lengths over
+    overlong_max_length - overlong_buffer lose up to 1, linearly, and -1 past overlong_max_length."""
+    overlong_max_length: int | None = option(None, ge=1)
+    """DAPO's L_max for the overlong penalty. null: rollout.max_new_tokens."""
 
 
 @dataclass
@@ -356,6 +372,10 @@ class Config:
             raise ConfigError("model.lora.target_modules must name at least one module when model.lora.r > 0", "model.lora.target_modules")
         if not algo.valid_on:
             raise ConfigError("algorithm.valid_on must name a reward component (or total)", "algorithm.valid_on")
+        l_max = algo.overlong_max_length or self.rollout.max_new_tokens
+        if algo.overlong_buffer > l_max:
+            raise ConfigError(f"algorithm.overlong_buffer ({algo.overlong_buffer}) must be <= the overlong max length "
+                              f"({l_max}, algorithm.overlong_max_length or rollout.max_new_tokens)", "algorithm.overlong_buffer")
         if self.eval.max_new_tokens is None:
             self.eval.max_new_tokens = self.rollout.max_new_tokens
         return self
@@ -407,10 +427,12 @@ def _apply_algorithm_facts(algo: AlgorithmConfig) -> None:
     from gpg_vl import algorithms
 
     try:
-        facts = algorithms.algorithm_facts(algo.name)
+        facts = algorithms.algorithm_spec(algo.name)
     except KeyError as e:
         raise ConfigError(f"algorithm.name: {e.args[0]}", "algorithm.name") from None
-    defaults = AlgorithmConfig(std_normalize=facts.std_normalize)
+    clip_eps = facts.default("clip_eps")
+    high = facts.default("clip_eps_high")
+    defaults = AlgorithmConfig(std_normalize=facts.std_normalize, clip_eps=clip_eps, clip_eps_high=clip_eps if high is None else high)
     for name in algorithms.TUNABLE_OPTIONS:
         value = getattr(algo, name)
         if name not in facts.options and value is not None and value != getattr(defaults, name):
@@ -423,6 +445,10 @@ def _apply_algorithm_facts(algo: AlgorithmConfig) -> None:
         algo.std_normalize = facts.std_normalize
     if algo.loss_agg is None:
         algo.loss_agg = facts.loss_agg
+    if algo.clip_eps is None and "clip_eps" in facts.options:
+        algo.clip_eps = clip_eps
+    if algo.clip_eps_high is None and "clip_eps_high" in facts.options:
+        algo.clip_eps_high = high if high is not None else algo.clip_eps  # null: symmetric
 
 
 # ---- loading ------------------------------------------------------------------------------------

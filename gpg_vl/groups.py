@@ -101,10 +101,13 @@ def collect_groups(
         params = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + attempt * 7)
         prompts = [task.messages(e) for e in batch]
         rollout = engine.generate(prompts, params)
-        for text, index in zip(rollout.texts, rollout.prompt_indices):
+        for text, index, length in zip(rollout.texts, rollout.prompt_indices, rollout.response_mask.sum(1).tolist()):
             out = task.score(text, batch[index])
-            rewards.append(out.total)
-            components.append(out.components)
+            parts_of = dict(out.components)
+            if algo.overlong_buffer:  # DAPO's soft overlong penalty, a reward component of its own
+                parts_of["overlong"] = algorithms.overlong_penalty(int(length), algo.overlong_max_length or params.max_new_tokens, algo.overlong_buffer)
+            rewards.append(out.total + parts_of.get("overlong", 0.0))
+            components.append(parts_of)
         parts.append(rollout)
         pool_examples += batch
         pool_prompts += prompts

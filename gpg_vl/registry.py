@@ -117,14 +117,14 @@ def available_algorithms() -> list[str]:
     from gpg_vl import algorithms
 
     offered = {ep.name for ep in entry_points(group=ALGORITHM_ENTRY_POINT_GROUP)}
-    return sorted(set(algorithms.available_algorithms()) | offered)
+    return sorted(set(algorithms.registered_algorithms()) | offered)
 
 
 def load_algorithm(name: str) -> None:
     """Import the `gpg_vl.algorithms` entry point called `name` unless `name` is registered already."""
     from gpg_vl import algorithms
 
-    if name in algorithms.available_algorithms():
+    if name in algorithms.registered_algorithms():
         return
     for ep in entry_points(group=ALGORITHM_ENTRY_POINT_GROUP):
         if ep.name == name:

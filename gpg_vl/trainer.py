@@ -298,6 +298,7 @@ def train(cfg: Config) -> dict:
         carries = [i for i in range(len(rollout)) if advantages[i] != 0 or ref_model is not None]
         n_micro = all_reduce_max(math.ceil(len(carries) / cfg.optim.micro_batch_size))
         loss_sum, loss_metrics, grad_norm = 0.0, {}, 0.0
+        mismatch = [0.0, 0.0, 0]  # sum, max, count of |trainer - rollout engine| log p over trained tokens
         if not skipped:
             old_logprobs: dict[int, torch.Tensor] = {}
             # each prompt once per micro-batch (gpg_vl/prefix.py); checkpointing drops the KV cache it needs
@@ -314,8 +315,12 @@ def train(cfg: Config) -> dict:
                     sync = micro_batch(accelerator, model, last=k == len(chunks) - 1)  # one sync/step per GPG step
                     with sync, accelerator.autocast():
                         logprobs = compute_micro_batch_logprobs(model, processor, groups.prompts, owners, ids, row_mask, cfg.rollout.temperature, shared)  # [m, width]
+                        sampled = rollout.logprobs[rows, :width].to(logprobs.device)  # the engine's own [m, width]
                         if iteration == 0:
                             old_logprobs[k] = logprobs.detach()
+                            if not idle:
+                                total, top, count = algorithms.mismatch_stats(logprobs, sampled, row_mask)
+                                mismatch = [mismatch[0] + total, max(mismatch[1], top), mismatch[2] + count]
                         ref = None
                         if ref_model is not None:
                             with torch.no_grad():
@@ -323,7 +328,8 @@ def train(cfg: Config) -> dict:
                         loss, m = algorithms.compute_policy_loss(
                             algo.name, logprobs, advantages[rows].to(logprobs.device), row_mask.to(logprobs.device),
                             alpha=alpha, old_logprobs=old_logprobs[k], ref_logprobs=ref,
-                            clip_eps=algo.clip_eps, kl_coef=algo.kl_coef, loss_agg=algo.loss_agg,
+                            clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef, loss_agg=algo.loss_agg,
+                            rollout_logprobs=sampled, rollout_correction=algo.rollout_correction, tis_cap=algo.tis_cap,
                             total_tokens=total_tokens, total_sequences=total_seqs,
                             max_response_length=cfg.rollout.max_new_tokens,
                         )
@@ -364,6 +370,12 @@ def train(cfg: Config) -> dict:
             "rollout_time_s": t_rollout,
             **{f"loss/{k}": v for k, v in loss_metrics.items() if k not in ("alpha", "valid_fraction")},
         }
+        if not skipped:  # the mismatch a user should see before it hurts (vLLM's kernels differ from training's)
+            top = torch.tensor(mismatch[1], device=accelerator.device)
+            if world > 1:
+                torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+            total, count = all_reduce_sum([mismatch[0], mismatch[2]])
+            metrics.update({"rollout/mismatch_mean": total / max(count, 1), "rollout/mismatch_max": float(top)})
         if skipped:
             logger.write(f"step {step}: every group had equal rewards; skipped (no optimizer step)")
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:

@@ -7,7 +7,8 @@ import torch
 
 from gpg_vl import algorithms
 
-ALGOS = ("gpg", "grpo", "dr_grpo")
+ALGOS = ("gpg", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "cispo")
+VALID_NAMES = "cispo, dapo, dr_grpo, gpg, grpo, gspo, rloo"
 
 
 def close(actual, expected, atol=1e-6):
@@ -127,28 +128,27 @@ def test_agg_loss_empty_mask_is_zero_not_nan():
 
 
 def test_unknown_names_list_valid_ones():
-    with pytest.raises(KeyError, match="dr_grpo, gpg, grpo"):
+    with pytest.raises(KeyError, match=VALID_NAMES):
         algorithms.compute_advantages("ppo", torch.zeros(4), group_size=2)
-    with pytest.raises(KeyError, match="dr_grpo, gpg, grpo"):
+    with pytest.raises(KeyError, match=VALID_NAMES):
         algorithms.compute_policy_loss("ppo", torch.zeros(2, 1), torch.zeros(2), torch.ones(2, 1))
     with pytest.raises(ValueError, match="token_mean, seq_mean, token_sum_norm"):
         algorithms.agg_loss(LOSS_MAT, MASK, "mean")
 
 
-def test_registries_hold_builtins_and_accept_plugins():
-    assert set(ALGOS) <= set(algorithms.ADVANTAGE_ESTIMATORS) and set(ALGOS) <= set(algorithms.POLICY_LOSSES)
-    assert {n: algorithms.DEFAULT_LOSS_AGG[n] for n in ALGOS} == {
-        "gpg": "token_mean", "grpo": "seq_mean", "dr_grpo": "token_sum_norm"}
-    try:
-        @algorithms.register_advantage("test_plain")
-        def raw_rewards(rewards, *, group_size, std_normalize=False, eps=1e-6, atol=1e-6):
-            return rewards
+def test_registries_hold_builtins_and_accept_plugins(restore_algorithms):
+    assert algorithms.registered_algorithms() == sorted(ALGOS)
+    assert {n: algorithms.ALGORITHMS[n].loss_agg for n in ALGOS} == {
+        "gpg": "token_mean", "grpo": "seq_mean", "dr_grpo": "token_sum_norm", "dapo": "token_mean",
+        "gspo": "seq_mean", "rloo": "token_mean", "cispo": "token_mean"}
 
-        close(algorithms.compute_advantages("test_plain", torch.tensor([1.0, 2.0]), group_size=2), [1.0, 2.0])
-        with pytest.raises(ValueError, match="already registered"):
-            algorithms.register_advantage("test_plain")(raw_rewards)
-    finally:
-        algorithms.ADVANTAGE_ESTIMATORS.pop("test_plain", None)
+    @algorithms.register_advantage("test_plain")
+    def raw_rewards(rewards, *, group_size, std_normalize=False, eps=1e-6, atol=1e-6):
+        return rewards
+
+    close(algorithms.compute_advantages("test_plain", torch.tensor([1.0, 2.0]), group_size=2), [1.0, 2.0])
+    with pytest.raises(ValueError, match="already registered"):
+        algorithms.register_advantage("test_plain")(raw_rewards)
 
 
 # ---------------------------------------------------------------- policy losses: hand cases
@@ -163,10 +163,9 @@ def test_gpg_loss_token_mean_with_alpha_and_padding():
     # per-token -A*logp: row 0: -0.5*-1 = 0.5, -0.5*-2 = 1.0; row 1: 0.5*-0.5 = -0.25
     # token_mean = (0.5 + 1.0 - 0.25) / 3 = 0.416667; alpha 2 -> 0.833333
     logprobs = LOGPROBS.clone().requires_grad_()
-    loss, metrics = algorithms.compute_policy_loss("gpg", logprobs, ADV, PAD_MASK, alpha=2.0, valid_fraction=0.5)
+    loss, metrics = algorithms.compute_policy_loss("gpg", logprobs, ADV, PAD_MASK, alpha=2.0)
     close(loss, 2 * 1.25 / 3)
-    assert metrics == pytest.approx({"policy_loss": 2 * 1.25 / 3, "alpha": 2.0, "adv_abs_mean": 0.5,
-                                     "valid_fraction": 0.5})
+    assert metrics == pytest.approx({"policy_loss": 2 * 1.25 / 3, "alpha": 2.0, "adv_abs_mean": 0.5})
     # d loss / d logp = -alpha * A / 3 on trained tokens, 0 on padding (no NaN from the -inf there)
     loss.backward()
     close(logprobs.grad, [[-1 / 3, -1 / 3, 0.0], [1 / 3, 0.0, 0.0]])
@@ -188,7 +187,7 @@ def test_all_zero_variance_gives_exact_zero_loss_and_finite_grads():
     frac = algorithms.valid_group_fraction(rewards, group_size=2)
     alpha = algorithms.age_alpha(frac)  # 0.0
     for name in ALGOS:
-        for std in ([False, True] if name != "dr_grpo" else [False]):
+        for std in ([False, True] if "std_normalize" in algorithms.ALGORITHMS[name].options else [None]):
             adv = algorithms.compute_advantages(name, rewards, group_size=2, std_normalize=std)
             assert adv.abs().max() == 0 and torch.isfinite(adv).all()
             logprobs = torch.full((4, 3), -1.0, requires_grad=True)
@@ -255,8 +254,10 @@ def test_micro_batch_losses_sum_to_full_batch(name, loss_agg):
     ref = logprobs.detach() - 0.1
     adv = torch.randn(n, generator=gen, dtype=torch.float64)
     opts = dict(old_logprobs=old, loss_agg=loss_agg, alpha=1.5, max_response_length=7)
-    if name != "gpg":
+    if name in ("grpo", "dr_grpo"):
         opts.update(ref_logprobs=ref, kl_coef=0.04)
+    if name != "gpg":
+        opts.update(clip_eps=0.2, clip_eps_high=0.3)
     full, _ = algorithms.compute_policy_loss(name, logprobs, adv, mask, **opts)
     (full_grad,) = torch.autograd.grad(full, logprobs)
     totals = dict(total_tokens=mask.sum(), total_sequences=n)
@@ -335,8 +336,8 @@ def test_grpo_gradient_equals_plain_policy_gradient_on_policy():
 
 
 def test_registrations_carry_the_facts_the_config_reads():
-    assert algorithms.available_algorithms() == ["dr_grpo", "gpg", "grpo"]
-    gpg, grpo, dr = (algorithms.algorithm_facts(n) for n in ("gpg", "grpo", "dr_grpo"))
+    assert algorithms.registered_algorithms() == VALID_NAMES.split(", ")
+    gpg, grpo, dr = (algorithms.algorithm_spec(n) for n in ("gpg", "grpo", "dr_grpo"))
     assert (gpg.std_normalize, gpg.loss_agg, gpg.options) == (False, "token_mean", ("std_normalize",))
     assert (grpo.std_normalize, grpo.loss_agg) == (True, "seq_mean")
     assert grpo.options == ("std_normalize", "clip_eps", "kl_coef", "num_iterations")
@@ -347,22 +348,167 @@ def test_registrations_carry_the_facts_the_config_reads():
           algorithms.compute_advantages("grpo", rewards, group_size=4, std_normalize=True))
 
 
-def test_algorithm_facts_errors_name_the_valid_algorithms_or_the_missing_half():
-    with pytest.raises(KeyError, match="unknown algorithm 'ppo'; valid names: dr_grpo, gpg, grpo"):
-        algorithms.algorithm_facts("ppo")
-    try:
-        algorithms.register_advantage("half")(algorithms.compute_gpg_advantages)
-        assert "half" not in algorithms.available_algorithms()  # an estimator alone is not an algorithm
-        with pytest.raises(KeyError, match="has no policy loss; register one with @algorithms.register_policy_loss"):
-            algorithms.algorithm_facts("half")
-    finally:
-        for table in (algorithms.ADVANTAGE_ESTIMATORS, algorithms.DEFAULT_STD_NORMALIZE, algorithms.ADVANTAGE_OPTIONS):
-            table.pop("half", None)
+def test_algorithm_spec_errors_name_the_valid_algorithms_or_the_missing_half(restore_algorithms):
+    with pytest.raises(KeyError, match=f"unknown algorithm 'ppo'; valid names: {VALID_NAMES}"):
+        algorithms.algorithm_spec("ppo")
+    algorithms.register_advantage("half")(algorithms.compute_gpg_advantages)
+    assert "half" not in algorithms.registered_algorithms()  # an estimator alone is not an algorithm
+    with pytest.raises(KeyError, match="has no policy loss; register one with @algorithms.register_policy_loss"):
+        algorithms.algorithm_spec("half")
 
 
 def test_registration_rejects_unknown_options():
-    with pytest.raises(ValueError, match="unknown options \\['beta'\\]; valid: clip_eps, kl_coef, num_iterations"):
+    with pytest.raises(ValueError, match="unknown options \\['beta'\\]; valid: clip_eps, clip_eps_high, kl_coef, num_iterations"):
         algorithms.register_policy_loss("x", options=("beta",))
     with pytest.raises(ValueError, match="unknown options"):
         algorithms.register_advantage("x", options=("clip_eps",))  # clip_eps belongs to the loss
-    assert "x" not in algorithms.POLICY_LOSSES and "x" not in algorithms.ADVANTAGE_ESTIMATORS
+    with pytest.raises(ValueError, match="unknown options \\['beta'\\]; valid: clip_eps, clip_eps_high"):
+        algorithms.register_policy_loss("x", defaults={"beta": 1.0})
+    assert "x" not in algorithms.ALGORITHMS
+
+
+# ---------------------------------------------------------------- dapo, gspo, rloo, cispo: hand cases
+
+
+def test_dapo_clip_higher_hand_case():
+    # old p = 0.5 in every row; new p: 0.7 (ratio 1.4), 0.625 (ratio 1.25), 0.3 (ratio 0.6); A = +1, +1, -1
+    # row 0: max(-1.4, -1.28) = -1.28 clipped (no grad); row 1: 1.25 < 1 + 0.28 -> -1.25, d/dlogp = -1.25
+    # row 2: A<0, max(0.6, 0.8) = 0.8 clipped at 1 - 0.2 (no grad); token_mean: (-1.28 - 1.25 + 0.8) / 3
+    old = torch.log(torch.tensor([[0.5], [0.5], [0.5]], dtype=torch.float64))
+    logprobs = torch.log(torch.tensor([[0.7], [0.625], [0.3]], dtype=torch.float64)).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+    loss, metrics = algorithms.compute_policy_loss("dapo", logprobs, adv, torch.ones(3, 1), old_logprobs=old,
+                                                   clip_eps=0.2, clip_eps_high=0.28)
+    close(loss, -1.73 / 3)
+    loss.backward()
+    close(logprobs.grad, [[0.0], [-1.25 / 3], [0.0]])
+    assert metrics["clip_fraction"] == pytest.approx(2 / 3)
+    # symmetric clip (GRPO's 0.2) would clip row 1 too: its gradient is what clip-higher keeps
+    logprobs.grad = None
+    sym, _ = algorithms.compute_policy_loss("dapo", logprobs, adv, torch.ones(3, 1), old_logprobs=old, clip_eps=0.2,
+                                            clip_eps_high=0.2)
+    sym.backward()
+    close(logprobs.grad, [[0.0], [0.0], [0.0]])
+
+
+def test_gspo_sequence_ratio_hand_case():
+    # seq 0: token deltas 0.1, 0.3 -> s = exp(mean 0.2) = 1.2214 > 1 + 4e-4, A = +1 -> -1.0004 clipped (no grad)
+    # seq 1: deltas 1e-4, 3e-4 -> s = exp(2e-4) inside (1 - 3e-4, 1 + 4e-4), A = -0.5 -> 0.5 s
+    # seq_mean over 2 sequences: (-1.0004 + 0.5 s) / 2; d/dlogp_t (seq 1) = 0.5 * s / |o| / 2 = s / 8
+    old = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]], dtype=torch.float64)
+    logprobs = (old + torch.tensor([[0.1, 0.3], [1e-4, 3e-4]], dtype=torch.float64)).requires_grad_()
+    adv = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    loss, metrics = algorithms.compute_policy_loss("gspo", logprobs, adv, torch.ones(2, 2), old_logprobs=old,
+                                                   clip_eps=3e-4, clip_eps_high=4e-4)
+    s = math.exp(2e-4)
+    close(loss, (-1.0004 + 0.5 * s) / 2, atol=1e-7)  # close() reads python floats as float32
+    loss.backward()
+    close(logprobs.grad, [[0.0, 0.0], [s / 8, s / 8]], atol=1e-7)
+    assert metrics["clip_fraction"] == pytest.approx(0.5)  # seq 0's two tokens of 4
+    assert metrics["ratio_mean"] == pytest.approx((math.exp(0.2) + s) / 2)
+
+
+def test_rloo_leave_one_out_advantages():
+    # G=4, rewards [1,0,0,0]: r_0 - mean(0,0,0) = 1; r_1 - mean(1,0,0) = -1/3 (= 4/3 * (r - 0.25));
+    # group 2 [1,1,0,1]: r_2' - mean(1,1,1) = -1, the others 1 - 2/3 = 1/3; an all-equal group gives 0
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 0, 1, 1, 1, 1, 1])
+    expected = [1, -1 / 3, -1 / 3, -1 / 3, 1 / 3, 1 / 3, -1, 1 / 3, 0, 0, 0, 0]
+    close(algorithms.compute_advantages("rloo", rewards, group_size=4), expected)
+    # its loss is GPG's: -A * log pi, token_mean: (-1 * -1 + 1/3 * -0.5 ... ) checked on one row: -1 * log 0.5
+    loss, _ = algorithms.compute_policy_loss("rloo", torch.log(torch.tensor([[0.5]])), torch.tensor([1.0]), torch.ones(1, 1))
+    close(loss, math.log(2))
+
+
+def test_cispo_clipped_detached_weight_hand_case():
+    # row 0: A=+1, ratio 0.8/0.5 = 1.6 -> weight min(1.6, 1 + 0.2) = 1.2: loss -1.2 * log 0.8, d/dlogp = -1.2
+    #        (PPO's clip would give this token no gradient at all)
+    # row 1: A=-1, ratio 0.3/0.5 = 0.6, no lower bound -> weight 0.6: loss 0.6 * log 0.3, d/dlogp = +0.6
+    # token_mean over 2 tokens: (-1.2 log 0.8 + 0.6 log 0.3) / 2 = (0.267772 - 0.722384) / 2 = -0.227306
+    old = torch.log(torch.tensor([[0.5], [0.5]], dtype=torch.float64))
+    logprobs = torch.log(torch.tensor([[0.8], [0.3]], dtype=torch.float64)).requires_grad_()
+    loss, metrics = algorithms.compute_policy_loss("cispo", logprobs, torch.tensor([1.0, -1.0], dtype=torch.float64),
+                                                   torch.ones(2, 1), old_logprobs=old, clip_eps_high=0.2)
+    close(loss, (-1.2 * math.log(0.8) + 0.6 * math.log(0.3)) / 2, atol=1e-7)
+    loss.backward()
+    close(logprobs.grad, [[-0.6], [0.3]], atol=1e-7)
+    assert metrics["clip_fraction"] == 0.5 and metrics["ratio_mean"] == pytest.approx(0.9)
+
+
+# ---------------------------------------------------------------- reductions: num_iterations=1, on-policy
+
+
+def _onpolicy_grad(name, rewards, **opts):
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 6, (8, 4), generator=gen)
+    mask = (torch.arange(4) < torch.tensor([4, 1, 3, 2, 4, 2, 1, 3]).unsqueeze(-1)).double()
+    lp = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [8, 4]
+    adv = algorithms.compute_advantages(name, rewards, group_size=4, std_normalize=opts.pop("std_normalize", None))
+    loss, metrics = algorithms.compute_policy_loss(name, lp, adv, mask, old_logprobs=lp.detach(), **opts)
+    return torch.autograd.grad(loss, logits)[0], metrics
+
+
+def test_on_policy_reductions_to_gpg_and_grpo():
+    # With old = current (num_iterations=1, exact on-policy rollout) every ratio is 1 and no clip is active:
+    # dapo and cispo have exactly GPG's gradient with std-normalised advantages (both token_mean);
+    # gspo has GRPO's (both seq_mean, s_i = 1, d s_i = mean_t d log pi); rloo has G/(G-1) = 4/3 times GPG's.
+    rewards = torch.tensor([1.0, 0, 0, 1, 0.2, 0.9, 0.5, 0.4], dtype=torch.float64)
+    gpg_std, _ = _onpolicy_grad("gpg", rewards, std_normalize=True)
+    gpg_plain, _ = _onpolicy_grad("gpg", rewards)
+    grpo, _ = _onpolicy_grad("grpo", rewards, clip_eps=0.2)
+    for name, opts, expected in (("dapo", dict(clip_eps=0.2, clip_eps_high=0.28), gpg_std),
+                                 ("cispo", dict(clip_eps_high=5.0), gpg_std),
+                                 ("gspo", dict(clip_eps=3e-4, clip_eps_high=4e-4), grpo),
+                                 ("rloo", {}, gpg_plain * 4 / 3)):
+        grad, metrics = _onpolicy_grad(name, rewards, **opts)
+        close(grad, expected, atol=1e-12)
+        assert metrics.get("clip_fraction", 0.0) == 0.0
+    assert not torch.allclose(gpg_std, grpo)  # the two families differ (token_mean vs seq_mean): the test can fail
+
+
+# ---------------------------------------------------------------- alphas, overlong penalty, TIS, mismatch
+
+
+def test_paper_alpha_and_verl_alpha_on_one_batch():
+    # G=4, B=3: [1,0,0,1] mixed, [1,1,1,1] all right, [0,0,0,0] all wrong
+    # paper (AGE): B / (B - M) = 3 / 1 = 3; verl's gpg: samples / nonzero-reward samples = 12 / 6 = 2
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    assert algorithms.age_alpha(algorithms.valid_group_fraction(rewards, group_size=4)) == pytest.approx(3.0)
+    assert algorithms.verl_gpg_alpha(rewards) == pytest.approx(2.0)
+    # no zero-variance group at all: the paper's alpha is 1, verl's still 8 / 4 = 2
+    mixed = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 0])
+    assert algorithms.age_alpha(algorithms.valid_group_fraction(mixed, group_size=4)) == 1.0
+    assert algorithms.verl_gpg_alpha(mixed) == pytest.approx(2.0)
+
+
+def test_dapo_overlong_penalty():
+    # L_max = 10, L_cache = 4: free up to 6 tokens, then (6 - len) / 4, -1 past 10
+    assert [algorithms.overlong_penalty(n, 10, 4) for n in (3, 6, 8, 10, 11)] == [0.0, 0.0, -0.5, -1.0, -1.0]
+    with pytest.raises(ValueError, match="buffer"):
+        algorithms.overlong_penalty(5, 10, 11)
+
+
+def test_tis_weights_truncate_the_engine_to_trainer_ratio():
+    # trainer log p [-1, -2], engine [-1.5, -1]: ratios e^0.5 = 1.6487 -> cap 1.5, e^-1 = 0.367879
+    # gpg with A = 1: per-token -log p = [1, 2] -> weighted [1.5, 0.735759]; token_mean = 2.235759 / 2
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
+    rollout = torch.tensor([[-1.5, -1.0, 7.0]])  # junk on the padded position is ignored
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, metrics = algorithms.compute_policy_loss("gpg", logprobs, torch.tensor([1.0]), mask, rollout_logprobs=rollout,
+                                                   rollout_correction="tis", tis_cap=1.5)
+    close(loss, (1.5 + 2 * math.exp(-1.0)) / 2)
+    assert metrics["tis_capped_fraction"] == 0.5
+    assert metrics["tis_weight_mean"] == pytest.approx((1.5 + math.exp(-1.0)) / 2)
+    loss.backward()
+    close(logprobs.grad, [[-0.75, -math.exp(-1.0) / 2, 0.0]])  # the weight is a constant, not differentiated
+    plain, _ = algorithms.compute_policy_loss("gpg", logprobs, torch.tensor([1.0]), mask, rollout_logprobs=rollout)
+    close(plain, 1.5)  # rollout_correction="none": weight 1
+    with pytest.raises(ValueError, match="rollout_logprobs"):
+        algorithms.compute_policy_loss("gpg", logprobs, torch.tensor([1.0]), mask, rollout_correction="tis")
+
+
+def test_mismatch_stats_over_completion_tokens():
+    # |(-1) - (-1.5)| = 0.5, |(-2) - (-1)| = 1.0; the padded position (delta 7) is left out
+    total, top, count = algorithms.mismatch_stats(torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -1.0, 7.0]]),
+                                                  torch.tensor([[1.0, 1.0, 0.0]]))
+    assert (total, top, count) == (pytest.approx(1.5), pytest.approx(1.0), 2)

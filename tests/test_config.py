@@ -97,10 +97,8 @@ def test_a_user_algorithm_is_valid_with_its_registered_defaults_and_options():
         with pytest.raises(ConfigError, match="algorithm.std_normalize=false does not apply to mine"):
             load_config(None, ["algorithm.name=mine", "algorithm.std_normalize=false"])
     finally:
-        for table in (algorithms.ADVANTAGE_ESTIMATORS, algorithms.DEFAULT_STD_NORMALIZE, algorithms.ADVANTAGE_OPTIONS,
-                      algorithms.POLICY_LOSSES, algorithms.DEFAULT_LOSS_AGG, algorithms.LOSS_OPTIONS):
-            table.pop("mine", None)
-    with pytest.raises(ConfigError, match="algorithm.name must be one of dr_grpo, gpg, grpo; got 'mine'"):
+        algorithms.ALGORITHMS.pop("mine", None)
+    with pytest.raises(ConfigError, match="algorithm.name must be one of cispo, dapo, dr_grpo, gpg, grpo, gspo, rloo; got 'mine'"):
         load_config(None, ["algorithm.name=mine"])
 
 

@@ -230,8 +230,7 @@ def isolated_registries(monkeypatch):
     other tests (which register the same example names) see the registries as they were."""
     from gpg_vl import algorithms
 
-    tables = [algorithms.ADVANTAGE_ESTIMATORS, algorithms.DEFAULT_STD_NORMALIZE, algorithms.ADVANTAGE_OPTIONS,
-              algorithms.POLICY_LOSSES, algorithms.DEFAULT_LOSS_AGG, algorithms.LOSS_OPTIONS]
+    tables = [algorithms.ALGORITHMS]
     saved = [dict(t) for t in tables]
     modules = set(sys.modules)
     monkeypatch.chdir(ROOT)  # the docs' relative paths (configs/...) are written from the repository root

@@ -69,13 +69,13 @@ def test_cli_lists_tasks_with_descriptions(capsys):
 RLOO = '''
 from gpg_vl import algorithms
 
-@algorithms.register_advantage("rloo", std_normalize=False, options=())
+@algorithms.register_advantage("my_rloo", std_normalize=False, options=())
 def rloo_advantages(rewards, *, group_size, std_normalize=False, eps=1e-6, atol=1e-6):
     """RLOO: r_i minus the mean of the group's OTHER rewards = G / (G - 1) * (r_i - group mean)."""
     grouped = rewards.view(-1, group_size)
     return ((grouped - grouped.mean(-1, keepdim=True)) * group_size / (group_size - 1)).flatten()
 
-@algorithms.register_policy_loss("rloo", loss_agg="seq_mean", options=())
+@algorithms.register_policy_loss("my_rloo", loss_agg="seq_mean", options=())
 def rloo_loss(logprobs, advantages, mask, **_):
     return -advantages * logprobs, {"rloo_used": 1.0}
 '''
@@ -95,7 +95,7 @@ def test_a_fourth_algorithm_from_a_plugin_file_trains_through_the_cli(tmp_path, 
     try:
         code = main([
             "train", f"task.name={task}", "model.name_or_path=builtin:tiny", "model.min_pixels=3136", "model.max_pixels=3136",
-            f"algorithm.plugin={plugin}", "algorithm.name=rloo", "task.train_data=synthetic:32",
+            f"algorithm.plugin={plugin}", "algorithm.name=my_rloo", "task.train_data=synthetic:32",
             "task.options={image_size: 56}", "rollout.group_size=4", "rollout.max_new_tokens=6",
             "train.prompts_per_step=4", "optim.lr=1e-2", "train.max_steps=2", f"train.output_dir={out}",
             "eval.at_end=false", "logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.save_every=0",
@@ -106,7 +106,7 @@ def test_a_fourth_algorithm_from_a_plugin_file_trains_through_the_cli(tmp_path, 
         assert all(math.isfinite(r["loss"]) for r in rows)
         assert any(r["skipped"] == 0 and r.get("loss/rloo_used") == 1.0 for r in rows)  # the plugin's loss ran
         saved = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
-        assert saved["algorithm"]["name"] == "rloo" and saved["algorithm"]["loss_agg"] == "seq_mean"  # its default
+        assert saved["algorithm"]["name"] == "my_rloo" and saved["algorithm"]["loss_agg"] == "seq_mean"  # its default
     finally:
         for name in set(sys.modules) - modules:
             if name.startswith("gpg_vl_user_task_"):
@@ -119,16 +119,16 @@ def test_an_algorithm_offered_by_entry_point_is_loaded_when_named(tmp_path, monk
     from gpg_vl import algorithms, registry
     from gpg_vl.config import load_config
 
-    (tmp_path / "ep_algos.py").write_text(RLOO.replace('"rloo"', '"ep_rloo"'))
+    (tmp_path / "ep_algos.py").write_text(RLOO.replace('"my_rloo"', '"ep_rloo"'))
     monkeypatch.syspath_prepend(str(tmp_path))
     real = registry.entry_points
     offered = [EntryPoint(name="ep_rloo", value="ep_algos", group=registry.ALGORITHM_ENTRY_POINT_GROUP)]
     monkeypatch.setattr(registry, "entry_points",
                         lambda group: offered if group == registry.ALGORITHM_ENTRY_POINT_GROUP else real(group=group))
     try:
-        assert "ep_rloo" in registry.available_algorithms() and "ep_rloo" not in algorithms.available_algorithms()
+        assert "ep_rloo" in registry.available_algorithms() and "ep_rloo" not in algorithms.registered_algorithms()
         cfg = load_config(None, ["algorithm.name=ep_rloo"])  # importing the entry point registered it
-        assert cfg.algorithm.loss_agg == "seq_mean" and "ep_rloo" in algorithms.available_algorithms()
+        assert cfg.algorithm.loss_agg == "seq_mean" and "ep_rloo" in algorithms.registered_algorithms()
     finally:
         monkeypatch.delitem(__import__("sys").modules, "ep_algos", raising=False)
 
@@ -141,12 +141,12 @@ def test_algorithms_registered_in_a_test_are_forgotten_after_it(tmp_path):
     from conftest import algorithms_restored
     from gpg_vl import algorithms, registry
 
-    before, modules = algorithms.available_algorithms(), set(sys.modules)
-    (tmp_path / "rloo_algos.py").write_text(RLOO.replace('"rloo"', '"tmp_rloo"'))
+    before, modules = algorithms.registered_algorithms(), set(sys.modules)
+    (tmp_path / "rloo_algos.py").write_text(RLOO.replace('"my_rloo"', '"tmp_rloo"'))
     with algorithms_restored():
         registry.import_plugin(str(tmp_path / "rloo_algos.py"))
-        assert "tmp_rloo" in algorithms.available_algorithms()
+        assert "tmp_rloo" in algorithms.registered_algorithms()
     for name in set(sys.modules) - modules:  # the plugin file's module, imported once per process
         del sys.modules[name]
-    assert algorithms.available_algorithms() == before and "gpg" in before
+    assert algorithms.registered_algorithms() == before and "gpg" in before
     assert not any("tmp_rloo" in t for t in vars(algorithms).values() if isinstance(t, dict))

@@ -58,6 +58,13 @@ BAD = [
     ("algorithm.num_iterations=0", "algorithm.num_iterations"),
     ("algorithm.kl_coef=0.04", "algorithm.kl_coef"),  # gpg is not registered with kl_coef
     ("algorithm.clip_eps=0.3", "algorithm.clip_eps"),  # nor with clip_eps
+    ("algorithm.clip_eps_high=0.3 algorithm.name=grpo", "algorithm.clip_eps_high"),  # grpo's clip is symmetric
+    ("algorithm.clip_eps_high=0 algorithm.name=dapo", "algorithm.clip_eps_high"),
+    ("algorithm.rollout_correction=is", "algorithm.rollout_correction"),
+    ("algorithm.tis_cap=0", "algorithm.tis_cap"),
+    ("algorithm.overlong_buffer=-1", "algorithm.overlong_buffer"),
+    ("algorithm.overlong_buffer=300", "algorithm.overlong_buffer"),  # more than rollout.max_new_tokens (256)
+    ("algorithm.overlong_max_length=0", "algorithm.overlong_max_length"),
     ("algorithm.std_normalize=true algorithm.name=dr_grpo", "algorithm.std_normalize"),
     ("algorithm.valid_on=", "algorithm.valid_on"),
     ("algorithm.plugin=no/such/file.py", "algorithm.plugin"),
