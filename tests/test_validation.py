@@ -40,6 +40,7 @@ BAD = [
     ("rollout.engine=sglang", "rollout.engine"),
     ("rollout.vllm_gpu_memory_utilization=1.5", "rollout.vllm_gpu_memory_utilization"),
     ("rollout.vllm_max_images_per_prompt=0", "rollout.vllm_max_images_per_prompt"),
+    ("rollout.vllm_parity_every=-1", "rollout.vllm_parity_every"),
     ("checkpoint.keep_last=-1", "checkpoint.keep_last"),
     ("checkpoint.save_every=-5", "checkpoint.save_every"),
     ("optim.warmup_steps=-1", "optim.warmup_steps"),
