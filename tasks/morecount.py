@@ -1,0 +1,95 @@
+"""`morecount`: the two-image twin. Two drawn images per prompt; "which image shows more shapes?" (A) or (B).
+
+Each image holds 1 to `max_shapes` small shapes on a grid (no overlap), and the two counts always differ, so
+chance is 0.5 and no single image answers the question: the policy has to compare both. It exercises every
+multi-image path (HF rollout, shared-prefix forward, eval and its controls, the inspector, vLLM with
+`rollout.vllm_max_images_per_prompt: 2`). Data: `synthetic` (1000 examples) or `synthetic:N`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw
+
+from gpg_vl.data import DataError, synthetic_spec
+from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
+from gpg_vl.task import RewardOutput, Task
+from gpg_vl_tasks._synthetic import BACKGROUND, COLOURS, SHAPES, draw_shape
+
+QUESTION = "Which image shows more shapes?"
+CHOICES = ["the first image", "the second image"]
+GRID = 2  # a 2x2 grid of cells, one shape at most per cell: up to 4 shapes, each clearly apart
+
+
+def draw_count(count: int, size: int, rng: random.Random) -> Image.Image:
+    """A `size`x`size` image with `count` shapes of random kinds and colours in distinct grid cells."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    cell = size / GRID
+    for index in rng.sample(range(GRID * GRID), count):
+        cx, cy = (index % GRID + 0.5) * cell, (index // GRID + 0.5) * cell
+        draw_shape(draw, rng.choice(SHAPES), cx, cy, cell * rng.uniform(0.25, 0.4), rng.choice(list(COLOURS)))
+    return image
+
+
+class MoreCountTask(Task):
+    """Options: image_size (px per image), max_shapes (2..4), prompt_style (instruct|base)."""
+
+    name = "morecount"
+    description = "Synthetic two-image twin: which of two images shows more shapes, (A) or (B) (offline)"
+    default_train_data = "synthetic:2000"
+    default_eval_data = "synthetic:200"
+
+    def __init__(self, image_size: int = 56, max_shapes: int = GRID * GRID, prompt_style: str = "instruct"):
+        super().__init__(prompt_style=prompt_style)
+        if not 2 <= int(max_shapes) <= GRID * GRID:
+            raise ValueError(f"morecount: max_shapes must be in [2, {GRID * GRID}], got {max_shapes}")
+        self.image_size, self.max_shapes = int(image_size), int(max_shapes)
+
+    def load(self, path: str | None = None, split: str = "train") -> list[dict]:
+        path = self.data_path(path, split)
+        spec = synthetic_spec(path, split)
+        if spec is None:
+            raise DataError(f"morecount is synthetic only: use data 'synthetic' or 'synthetic:N', not {path!r}")
+        size, seed = spec
+        rng = random.Random(seed)
+        examples = []
+        for i in range(size):
+            counts = rng.sample(range(1, self.max_shapes + 1), 2)  # two different counts
+            images = [draw_count(c, self.image_size, rng) for c in counts]
+            answer = "(A)" if counts[0] > counts[1] else "(B)"
+            examples.append({"id": f"{split}-{i}", "images": images, "counts": counts, "answer": answer})
+        return examples
+
+    def prompt_text(self, example: dict) -> str:
+        return f"{QUESTION}\n(A) {CHOICES[0]}\n(B) {CHOICES[1]}"
+
+    def messages(self, example: dict) -> list[dict]:
+        text = self.prompt_text(example)
+        return self.conversation(list(example["images"]), text if self.prompt_style == "base" else f"{text}\n{THINK_ANSWER_INSTRUCTION}")
+
+    def answers_right(self, completion: str, example: dict) -> bool:
+        answer = extract_answer(self.full_completion(completion))
+        return answer is not None and match_choice(answer, CHOICES) == "AB".index(example["answer"][1])
+
+    def score(self, completion: str, example: dict) -> RewardOutput:
+        fmt = float(format_ok(self.full_completion(completion)))
+        acc = float(self.answers_right(completion, example))
+        return RewardOutput(total=fmt + acc, components={"format": fmt, "accuracy": acc})
+
+    def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
+        if len(examples) != len(completions):
+            raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+        if not examples:
+            return {}
+        hits = [self.answers_right(c, e) for e, c in zip(examples, completions)]
+        formatted = [format_ok(self.full_completion(c)) for c in completions]
+        return {"accuracy": sum(hits) / len(hits), "format": sum(formatted) / len(formatted)}
+
+    def reference_answer(self, example: dict) -> str | None:
+        return example["answer"]
+
+    def warmup_answer(self, examples: Sequence[dict], rng) -> str:
+        return f"({rng.choice('AB')})"  # a uniform letter: the warm-up teaches the form, not the answer
