@@ -87,3 +87,22 @@ def test_dapo_overlong_penalty_is_a_reward_component(tiny_model_dir, tmp_path):
     (row,) = rows(out)
     assert row["reward_mean"] == pytest.approx(row["reward/scripted"] + row["reward/overlong"], abs=1e-6)
     assert -1.0 <= row["reward/overlong"] <= -row["truncated_fraction"] + 1e-9
+
+
+def test_on_policy_twins_train_as_the_algorithms_they_reduce_to(tiny_model_dir, tmp_path):
+    """Invariant behind docs/algorithms.md#reductions (num_iterations=1, HF rollouts: every ratio is 1): two
+    steps of dapo and of cispo end at GPG-with-std's weights, and gspo at GRPO-without-KL's, to float rounding;
+    rloo (advantages x G/(G-1)) is not among them: Adam undoes the scale, but max_grad_norm clipping does not."""
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(args_for(tiny_model_dir, out, "checkpoint.save_every=2", "optim.max_grad_norm=0", *extra)) == 0
+        return weights(out / "checkpoint-2")
+
+    gpg_std = run("gpg_std", "algorithm.std_normalize=true")
+    grpo = run("grpo", "algorithm.name=grpo")
+    for name, expected in (("dapo", gpg_std), ("cispo", gpg_std), ("gspo", grpo)):
+        got = run(name, f"algorithm.name={name}")
+        worst = max((got[k] - expected[k]).abs().max().item() for k in got)
+        assert worst < 1e-6, f"{name}: weights differ by up to {worst}"
+    plain = run("gpg")  # the control: other advantages (no std) end elsewhere, so the comparison can fail
+    assert max((plain[k] - gpg_std[k]).abs().max().item() for k in plain) > 1e-4
