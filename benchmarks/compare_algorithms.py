@@ -1,4 +1,5 @@
-"""GPG vs GRPO vs Dr.GRPO on one task's offline twin: several seeds, each algorithm at its own learning rate.
+"""GPG vs GRPO, Dr.GRPO, DAPO, GSPO, RLOO, CISPO on one task's offline twin: several seeds, each algorithm at its
+own learning rate (--algorithms picks some; all by default).
 
 Every run of a task uses the same config (TASKS below: the quickstart for `shapes`, benchmarks/twins/*.yaml
 for the others): same model, prompts per step, group size and steps; only `algorithm.*`, the learning rate
@@ -55,6 +56,13 @@ ALGORITHMS = {
     # GRPO as the paper's baselines run it (R1-V): std-normalised advantages, clipped ratio, KL 0.04 to a reference
     "grpo": ["algorithm.kl_coef=0.04"],
     "dr_grpo": [],
+    # The issue-27 baselines at their registered defaults. Under these settings (num_iterations=1, HF rollouts,
+    # so every ratio is 1) dapo and cispo train exactly as gpg with algorithm.std_normalize=true and gspo as grpo
+    # with algorithm.kl_coef=0 (tests/test_algorithms_train.py); rloo does not (docs/algorithms.md#reductions).
+    "dapo": [],
+    "gspo": [],
+    "rloo": [],
+    "cispo": [],
 }
 
 
