@@ -1,8 +1,8 @@
 """The rollout inspector: a training run's `samples.jsonl`, one logged step at a time, as HTML.
 
-Per group: the prompt image and text, whether the group was valid (rewards not all equal, so it carries a
-gradient), and per completion its reward, reward components, advantage and tokens coloured by the
-log-probability the sampling policy gave them. Completions are model output, hence untrusted: every string
+Per group: every prompt image and the text, whether the group was valid (rewards not all equal, so it
+carries a gradient), and per completion its reward, reward components, advantage and tokens coloured by the
+log-probability the sampling policy gave them; for a grounding task, its box drawn beside the true one. Completions are model output, hence untrusted: every string
 is HTML-escaped. Files written before the trainer logged tokens (only prompt/completions/rewards) are shown
 with what they hold.
 """
@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .boxes import draw_boxes
 from .inputs import UploadError, read_upload
 
 SAMPLES_FILE = "samples.jsonl"
@@ -37,6 +38,7 @@ class SampledCompletion:
     tokens: list[str] | None = None  # the sampled tokens, one decoded string each
     logprobs: list[float] | None = None  # [len(tokens)] log-prob of each under the policy that sampled it
     finish_reason: str | None = None  # "stop" or "length"
+    box: list[float] | None = None  # grounding: the box it answered, in original-image pixels
 
 
 @dataclass
@@ -45,9 +47,11 @@ class SampledGroup:
 
     step: int
     prompt: str
-    image: str | None  # path relative to the run folder
+    image: str | None  # path relative to the run folder (the first image)
     valid: bool | None  # as logged; None in old files
     completions: list[SampledCompletion]
+    images: list[str] = field(default_factory=list)  # every prompt image's path (several: a multi-image prompt)
+    truth_box: list[float] | None = None  # grounding: the true box, in original-image pixels
 
     @property
     def valid_from_rewards(self) -> bool:
@@ -121,9 +125,9 @@ def _group(row: dict, step: int) -> SampledGroup | None:
     texts = [str(t) for t in row["completions"]]
     n = len(texts)
     completions = []
-    for text, reward, parts, advantage, tokens, logprobs, finish in zip(
+    for text, reward, parts, advantage, tokens, logprobs, finish, box in zip(
         texts, _list(row, "rewards", n), _list(row, "components", n), _list(row, "advantages", n),
-        _list(row, "tokens", n), _list(row, "logprobs", n), _list(row, "finish_reasons", n),
+        _list(row, "tokens", n), _list(row, "logprobs", n), _list(row, "finish_reasons", n), _list(row, "boxes", n),
     ):
         good_tokens = isinstance(tokens, list) and isinstance(logprobs, list) and len(tokens) == len(logprobs)
         completions.append(SampledCompletion(
@@ -134,11 +138,20 @@ def _group(row: dict, step: int) -> SampledGroup | None:
             tokens=[str(t) for t in tokens] if good_tokens else None,
             logprobs=[_number(v) for v in logprobs] if good_tokens else None,
             finish_reason=finish if isinstance(finish, str) else None,
+            box=_box(box),
         ))
     valid = row.get("valid")
     image = row.get("image")
-    return SampledGroup(step, str(row.get("prompt", "")), image if isinstance(image, str) else None,
-                        valid if isinstance(valid, bool) else None, completions)
+    image = image if isinstance(image, str) else None
+    images = [p for p in row["images"] if isinstance(p, str)] if isinstance(row.get("images"), list) else [image] if image else []
+    return SampledGroup(step, str(row.get("prompt", "")), image, valid if isinstance(valid, bool) else None, completions,
+                        images, _box(row.get("truth_box")))  # fmt: skip
+
+
+def _box(value) -> list[float] | None:
+    """A logged box: four finite numbers, else None."""
+    numbers = [_number(v) for v in value] if isinstance(value, list) and len(value) == 4 else []
+    return numbers if len(numbers) == 4 and None not in numbers else None
 
 
 def group_image(run_folder: str | Path, relative: str | None):
@@ -179,7 +192,7 @@ def tokens_html(tokens: list[str], logprobs: list[float | None]) -> str:
     return "".join(spans)
 
 
-def _image_html(image) -> str:
+def _image_html(image, alt: str = "prompt image", css: str = "gpg-img") -> str:
     if image is None:
         return '<div class="gpg-noimg">no image logged</div>'
     image = image.copy()
@@ -187,7 +200,17 @@ def _image_html(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img class="gpg-img" alt="prompt image" src="data:image/png;base64,{data}">'
+    return f'<img class="{css}" alt="{html.escape(alt, quote=True)}" src="data:image/png;base64,{data}">'
+
+
+def _box_html(image, c: SampledCompletion, truth: list[float] | None) -> str:
+    """The completion's box (red) beside the true one (green) on the prompt image, with its IoU."""
+    iou = c.components.get("iou")
+    label = "answer" if iou is None else f"IoU {iou:.2f}"
+    if c.box is None:
+        return f'<div class="gpg-nobox">no box ({html.escape(label)})</div>'
+    drawn = draw_boxes(image, [(label, tuple(c.box))], tuple(truth) if truth else None)
+    return _image_html(drawn, f"box with {label}", "gpg-boxes")
 
 
 def _fmt(value: float | None, sign: bool = False) -> str:
@@ -205,7 +228,7 @@ def _validity(group: SampledGroup) -> str:
     return '<span class="gpg-invalid">not valid: all rewards equal, zero advantage, no gradient</span>'
 
 
-def _completion_row(k: int, c: SampledCompletion) -> str:
+def _completion_row(k: int, c: SampledCompletion, boxes: str = "") -> str:
     parts = ", ".join(f"{html.escape(name)} {value:g}" for name, value in c.components.items()) or "&ndash;"
     if c.tokens is not None:
         body = tokens_html(c.tokens, c.logprobs or [None] * len(c.tokens))
@@ -214,15 +237,19 @@ def _completion_row(k: int, c: SampledCompletion) -> str:
     note = " <i>(hit max tokens)</i>" if c.finish_reason == "length" else ""
     return (
         f"<tr><td>{k + 1}</td><td><b>{_fmt(c.reward)}</b></td><td>{parts}</td><td>{_fmt(c.advantage, sign=True)}</td>"
-        f'<td><div class="gpg-text">{body}</div>{note}</td></tr>'
+        f'<td>{boxes}<div class="gpg-text">{body}</div>{note}</td></tr>'
     )
 
 
-def group_html(index: int, group: SampledGroup, image) -> str:
-    """One group: image, prompt, validity, then a row per completion."""
-    rows = "".join(_completion_row(k, c) for k, c in enumerate(group.completions))
+def group_html(index: int, group: SampledGroup, images) -> str:
+    """One group: its images, prompt, validity, then a row per completion (with its box, for grounding)."""
+    images = images if isinstance(images, list) else [images]  # one image, or each of a multi-image prompt
+    grounding = group.truth_box is not None or any(c.box is not None for c in group.completions)
+    draw_on = images[0] if grounding and images and images[0] is not None else None
+    rows = "".join(_completion_row(k, c, _box_html(draw_on, c, group.truth_box) if draw_on else "") for k, c in enumerate(group.completions))
+    shown = "".join(_image_html(image, f"prompt image {k + 1}") for k, image in enumerate(images)) or _image_html(None)
     return (
-        f'<div class="gpg-group"><div class="gpg-head">{_image_html(image)}<div>'
+        f'<div class="gpg-group"><div class="gpg-head">{shown}<div>'
         f"<h3>Group {index + 1} &middot; {len(group.completions)} completions</h3><p>{_validity(group)}</p>"
         f'<pre class="gpg-prompt">{html.escape(group.prompt)}</pre></div></div>'
         '<table class="gpg-rollouts"><thead><tr><th>#</th><th>reward</th><th>components</th><th>advantage</th>'
@@ -242,7 +269,7 @@ def step_html(run_folder: str | Path, step: int) -> str:
     groups = read_step(run_folder, step)
     if not groups:
         return f"<p>No samples logged at step {int(step)}.</p>"
-    body = "".join(group_html(i, g, group_image(run_folder, g.image)) for i, g in enumerate(groups))
+    body = "".join(group_html(i, g, [group_image(run_folder, p) for p in g.images]) for i, g in enumerate(groups))
     legacy = any(c.tokens is None for g in groups for c in g.completions)
     note = "<p><i>This file predates per-token logging: completions are shown as plain text.</i></p>" if legacy else ""
     return f'<div class="gpg-inspector">{LEGEND}{note}{body}</div>'
@@ -253,6 +280,8 @@ INSPECTOR_CSS = """
 .gpg-inspector .gpg-head { display: flex; gap: 14px; align-items: flex-start; }
 .gpg-inspector .gpg-head h3 { margin: 0 0 4px 0; }
 .gpg-inspector .gpg-img { width: 168px; image-rendering: pixelated; border-radius: 4px; }
+.gpg-inspector .gpg-boxes { width: 140px; float: left; margin-right: 8px; border-radius: 4px; }
+.gpg-inspector .gpg-nobox { float: left; width: 140px; margin-right: 8px; color: #b25b00; font-size: 0.85em; }
 .gpg-inspector .gpg-prompt { white-space: pre-wrap; word-break: break-word; margin: 4px 0; max-height: 160px; overflow-y: auto; }
 .gpg-inspector .gpg-valid { color: #13803a; font-weight: 600; }
 .gpg-inspector .gpg-invalid { color: #b25b00; font-weight: 600; }

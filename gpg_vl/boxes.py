@@ -109,3 +109,22 @@ def frame_size(frame: str, resized_size: tuple[int, int] | None) -> tuple[float,
             raise ValueError("a box in resized pixels needs the model's image budget (task.configure_images)")
         return float(resized_size[0]), float(resized_size[1])
     raise ValueError(f"box frame must be one of {BOX_FRAMES}, got {frame!r}")
+
+
+def grounding_boxes(task, example: dict, completions: list[str], image_size: tuple[int, int]) -> dict:
+    """For a grounding task (`gpg_vl.task.GroundingTask`): the true box (`truth_box`) and each completion's
+    box (`boxes`, None where it gives none), in pixels of the original image of `image_size`, for the rollout
+    inspector to draw; {} for any other task."""
+    from gpg_vl.task import GroundingTask
+
+    if not isinstance(task, GroundingTask) or "box" not in example:
+        return {}
+    scale = task.box_scale  # the frame of example["box"]: 0-N of the image, or None for its pixels
+
+    def in_pixels(box: Box | None) -> list[float] | None:
+        if box is None:
+            return None
+        box = rescale_box(box, (scale, scale), image_size) if scale else box
+        return [round(float(v), 2) for v in box]
+
+    return {"truth_box": in_pixels(tuple(example["box"])), "boxes": [in_pixels(task.predicted_box(c, example)) for c in completions]}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-SAMPLE_IMAGE = re.compile(r"step-(\d+)-\d+\.png")  # the names `samples()` gives images
+SAMPLE_IMAGE = re.compile(r"step-(\d+)-\d+(?:-\d+)?\.png")  # the names `samples()` gives images
 
 
 class RunLogger:
@@ -68,18 +68,23 @@ class RunLogger:
             keys = ("loss", "reward_mean", "valid_fraction", "eval/accuracy")
             self.bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in keys if isinstance(metrics.get(k), (int, float))})
 
-    def samples(self, step: int, rows: list[dict], images: list) -> None:
-        """Write prompts, completions and rewards; the first image of each prompt as samples/step-S-i.png."""
+    def samples(self, step: int, rows: list[dict], images: list[list]) -> None:
+        """Write prompts, completions and rewards; each prompt's images as samples/step-S-i.png (the first,
+        its path in `image`) and step-S-i-k.png (image k > 0, all paths in `images` when there are several)."""
         if not self.is_main:
             return
         folder = self.dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         with open(self.dir / "samples.jsonl", "a") as f:
-            for i, (row, image) in enumerate(zip(rows, images)):
-                if image is not None:
-                    name = f"step-{step:06d}-{i}.png"
-                    image.save(folder / name)
-                    row = {**row, "image": f"samples/{name}"}
+            for i, (row, prompt_images) in enumerate(zip(rows, images)):
+                names = []
+                for k, image in enumerate(prompt_images):
+                    names.append(f"step-{step:06d}-{i}.png" if k == 0 else f"step-{step:06d}-{i}-{k}.png")
+                    image.save(folder / names[-1])
+                if names:
+                    row = {**row, "image": f"samples/{names[0]}"}
+                if len(names) > 1:
+                    row["images"] = [f"samples/{name}" for name in names]
                 f.write(json.dumps({"step": step, **row}) + "\n")
 
     def write(self, text: str) -> None:

@@ -379,7 +379,7 @@ def train(cfg: Config) -> dict:
         if skipped:
             logger.write(f"step {step}: every group had equal rewards; skipped (no optimizer step)")
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
-            log_samples(logger, step, groups, G, cfg.logging.num_samples, advantages, processor.tokenizer)
+            log_samples(logger, step, groups, G, cfg.logging.num_samples, advantages, processor.tokenizer, task)
         # Save BEFORE evaluating: an OOM in eval must not cost the last save_every steps. The checkpoint
         # carries this step's metrics, so a resume after a crash in eval still logs the step (without eval/).
         if step == cfg.train.max_steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
@@ -423,10 +423,12 @@ def evaluate_heldout(task, engine, examples, cfg: Config, rank: int = 0, world: 
     return with_controls(metrics, by_control)
 
 
-def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: int, advantages=None, tokenizer=None) -> None:
+def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: int, advantages=None, tokenizer=None, task=None) -> None:
     """Write `count` groups to samples.jsonl: per group the prompt text, `valid`, and per completion its text,
     reward, reward components, advantage, and its tokens with their sampled log-probs (what the demo's
-    rollout inspector shows). `prompt`, `completions` and `rewards` keep their meaning for older readers."""
+    rollout inspector shows); every prompt image; for a grounding task the true box and each completion's
+    box in original-image pixels. `prompt`, `completions` and `rewards` keep their meaning for older readers."""
+    from gpg_vl.boxes import grounding_boxes
     rollout = groups.rollout
 
     def token_pieces(ids: list[int]) -> list[str]:
@@ -462,9 +464,11 @@ def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: in
             ids = [rollout.completion_ids[i, :n].tolist() for i, n in zip(span, lengths)]
             row["tokens"] = [token_pieces(seq) for seq in ids]
             row["logprobs"] = [[round(float(v), 4) for v in rollout.logprobs[i, :n]] for i, n in zip(span, lengths)]
-        rows.append(row)
         found = message_images(groups.prompts[g])
-        images.append(found[0] if found else None)
+        if task is not None and found:
+            row.update(grounding_boxes(task, groups.examples[g], [rollout.texts[i] for i in span], found[0].size))
+        rows.append(row)
+        images.append(found)
     logger.samples(step, rows, images)
 
 

@@ -165,3 +165,60 @@ def test_backend_inspector_view_needs_no_checkpoint(tmp_path):
     assert re.search(r"`valid_fraction` 0\.5, `alpha` 2", line) and "gpg-group" in page
     assert backend.inspector_view("../etc", 4)[1] == ""  # only --run folders are offered
     assert not backend.cache._loaded  # nothing was loaded
+
+
+# ---- several images, and the boxes of a grounding task ----------------------------------------------
+
+
+def test_a_two_image_run_logs_and_shows_both_images(tmp_path):
+    """A real step on the two-image twin: samples.jsonl names both images, both files exist, and the
+    inspector shows both, in order."""
+    from gpg_vl.cli import main
+    from gpg_vl.tiny import make_tiny
+
+    model = make_tiny(tmp_path / "tiny", seed=0)
+    out = tmp_path / "run"
+    args = ["train", "task.name=gpg_vl_tasks.morecount:MoreCountTask", f"model.name_or_path={model}",
+            "model.min_pixels=3136", "model.max_pixels=3136", "task.train_data=synthetic:8", "rollout.group_size=2",
+            "rollout.max_new_tokens=4", "train.prompts_per_step=2", "train.max_steps=1", f"train.output_dir={out}",
+            "eval.at_end=false", "logging.progress_bar=false", "logging.tensorboard=false", "logging.sample_every=1",
+            "logging.num_samples=2", "checkpoint.save_every=0"]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert rows and all(r["images"] == [r["image"], r["image"].replace(".png", "-1.png")] for r in rows)
+    assert all((out / p).is_file() for r in rows for p in r["images"])
+    (group,) = inspector.read_step(out, 1)[:1]
+    assert len(group.images) == 2
+    page = inspector.step_html(out, 1)
+    assert page.count('alt="prompt image 1"') == len(rows) and page.count('alt="prompt image 2"') == len(rows)
+
+
+def test_grounding_boxes_are_logged_in_original_pixels():
+    """The true box and each completion's box, as the reward read them, in pixels of the original image."""
+    from gpg_vl.boxes import grounding_boxes
+    from gpg_vl.registry import get_task
+
+    lisa = get_task("lisa")  # boxes on 0-1000 of a 200x100 image
+    example = {"id": "0", "box": [100, 200, 500, 600], "width": 200, "height": 100}
+    logged = grounding_boxes(lisa, example, ["<answer>(0,0),(500,1000)</answer>", "no box"], (200, 100))
+    assert logged == {"truth_box": [20.0, 20.0, 100.0, 60.0], "boxes": [[0.0, 0.0, 100.0, 100.0], None]}
+    assert grounding_boxes(get_task("shapes"), {"answer": "(A)"}, ["(A)"], (56, 56)) == {}
+
+
+def test_inspector_draws_each_completion_box_beside_the_truth_with_its_iou(tmp_path):
+    row = new_row(3, truth_box=[10, 10, 40, 40], boxes=[[10, 10, 40, 40], None],
+                  components=[{"format": 1.0, "iou": 1.0}, {"format": 0.0, "iou": 0.0}])  # fmt: skip
+    write_run(tmp_path, [row])
+    (group,) = inspector.read_step(tmp_path, 3)
+    assert group.truth_box == [10, 10, 40, 40] and [c.box for c in group.completions] == [[10, 10, 40, 40], None]
+    page = inspector.step_html(tmp_path, 3)
+    assert 'alt="box with IoU 1.00"' in page and "no box (IoU 0.00)" in page
+    # the drawing itself: green truth and the red answer on the prompt image
+    drawn = inspector.draw_boxes(Image.new("RGB", (56, 56), (30, 160, 40)), [("IoU 1.00", (10, 10, 40, 40))], (10, 10, 40, 40))
+    colours = {c for _, c in drawn.getcolors(1 << 20)}
+    assert (220, 30, 30) in colours
+    bad = new_row(4, truth_box=[1, 2, "x", 4], boxes=["junk", [1, 2, 3]])  # malformed boxes are dropped, not drawn
+    write_run(tmp_path, [bad])
+    (group,) = inspector.read_step(tmp_path, 4)
+    assert group.truth_box is None and [c.box for c in group.completions] == [None, None]
+    assert "gpg-boxes" not in inspector.step_html(tmp_path, 4)
