@@ -20,7 +20,7 @@ from gpg_vl.rollout import sampling_params
 
 from . import inspector, runs
 from .boxes import draw_boxes, enlarged, is_grounding, truth_in_pixels
-from .checkpoints import CheckpointAllowList, PolicyCache, UnknownCheckpoint
+from .checkpoints import CheckpointAllowList, PolicyCache, UnknownCheckpoint, saved_steps
 from .compare import CheckpointResult, compare, results_html, results_json, results_table
 from .inputs import PROMPT_STYLES, UploadError, example_prompt, ground_truth_text, prompt_text, read_upload, upload_prompt
 
@@ -128,7 +128,9 @@ class DemoBackend:
         except UnknownCheckpoint as e:
             return [], runs.reward_curve([]), runs.eval_curves([]), str(e)
         records = runs.read_metrics(folder)
-        return self.allow.run_steps(run_label), runs.reward_curve(records), runs.eval_curves(records), runs.summary(records)
+        steps = [step for step, _ in saved_steps(folder)]
+        text = "\n\n".join(t for t in (runs.summary(records), runs.controls_table(records, steps)) if t)
+        return self.allow.run_steps(run_label), runs.reward_curve(records), runs.eval_curves(records), text
 
     # ---- the comparison ---------------------------------------------------------------------------
     def comparison(

@@ -14,6 +14,7 @@ import pandas as pd
 
 REWARD_KEYS = ("reward_mean",)
 EVAL_PREFIX = "eval/"
+CONTROLS = ("blind", "shuffled")  # gpg_vl.controls: logged as eval/<control>/<metric>, eval/visual_gain/<metric>
 
 
 def read_metrics(run_folder: str | Path) -> list[dict]:
@@ -52,6 +53,26 @@ def eval_curves(records: list[dict]) -> pd.DataFrame:
     """Every held-out metric (`eval/accuracy`, `eval/Total`, `eval/mIoU`, ...) over the steps it was measured."""
     keys = sorted({k for r in records for k in r if k.startswith(EVAL_PREFIX)})
     return _long_form(records, keys)
+
+
+def controls_table(records: list[dict], steps: list[int]) -> str:
+    """Markdown: at each saved checkpoint's step, every metric that has a control (eval.controls) with its real,
+    blind and shuffled values and the visual gain; "" when the run logged no control."""
+    by_step = {int(r["step"]): r for r in records}
+    rows = []
+    for step in steps:
+        record = by_step.get(step, {})
+        metrics = sorted({k.split("/", 2)[2] for k in record if k.startswith(tuple(f"{EVAL_PREFIX}{c}/" for c in CONTROLS))})
+        for metric in metrics:
+            cells = [record.get(f"{EVAL_PREFIX}{metric}")] + [record.get(f"{EVAL_PREFIX}{c}/{metric}") for c in CONTROLS]
+            gain = record.get(f"{EVAL_PREFIX}visual_gain/{metric}")
+            shown = ["-" if not isinstance(v, (int, float)) else f"{v:.3f}" for v in cells]
+            shown.append("-" if not isinstance(gain, (int, float)) else f"{gain:+.3f}")
+            rows.append(f"| checkpoint-{step} | {metric} | " + " | ".join(shown) + " |")
+    if not rows:
+        return ""
+    head = "| checkpoint | metric | real images | blind | shuffled | visual gain |\n| --- | --- | ---: | ---: | ---: | ---: |"
+    return "Does the policy look at the image? (held-out, eval.controls)\n\n" + head + "\n" + "\n".join(rows)
 
 
 def summary(records: list[dict]) -> str:

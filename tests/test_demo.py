@@ -577,3 +577,26 @@ def test_task_defaults_to_the_runs_own(tmp_path):
     assert run_task([str(tmp_path / "missing"), str(run)]) == "cvbench"
     (run / "config.yaml").write_text("{ not yaml")
     assert run_task([str(run)], fallback="lisa") == "lisa"
+
+
+def test_run_view_shows_the_controls_at_each_saved_checkpoint(tmp_path):
+    """A run that logged eval.controls: the run view's text has, per saved checkpoint, each metric with its
+    real, blind and shuffled values and the visual gain; a run without controls has no such table."""
+    from gpg_vl_demo import runs
+    from gpg_vl_demo.backend import DemoBackend
+
+    rows = [{"step": 0, "eval/accuracy": 0.25, "eval/blind/accuracy": 0.25, "eval/shuffled/accuracy": 0.24,
+             "eval/visual_gain/accuracy": 0.0},
+            {"step": 50, "reward_mean": 1.2, "eval/accuracy": 0.9, "eval/blind/accuracy": 0.3,
+             "eval/shuffled/accuracy": 0.28, "eval/visual_gain/accuracy": 0.6}]  # fmt: skip
+    run = tmp_path / "run"
+    (run / "checkpoint-50").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = runs.controls_table(rows, [50])
+    assert "| checkpoint-50 | accuracy | 0.900 | 0.300 | 0.280 | +0.600 |" in table and "checkpoint-0" not in table
+    assert runs.controls_table([{"step": 50, "eval/accuracy": 0.9}], [50]) == ""
+    backend = DemoBackend([], [str(run)], task="shapes", data="synthetic:2", split="test")
+    (label,) = backend.allow.run_choices()
+    _, _, evals, text = backend.run_view(label)
+    assert "| checkpoint-50 | accuracy | 0.900 | 0.300 | 0.280 | +0.600 |" in text
+    assert {"eval/blind/accuracy", "eval/visual_gain/accuracy"} <= set(evals["metric"])  # curves carry them too
