@@ -49,19 +49,16 @@ class MoreCountTask(Task):
         self.image_size, self.max_shapes = int(image_size), int(max_shapes)
 
     def load(self, path: str | None = None, split: str = "train") -> list[dict]:
-        path = self.data_path(path, split)
-        spec = synthetic_spec(path, split)
+        spec = synthetic_spec(self.data_path(path, split), split)  # (size, seed); None for anything else
         if spec is None:
             raise DataError(f"morecount is synthetic only: use data 'synthetic' or 'synthetic:N', not {path!r}")
-        size, seed = spec
-        rng = random.Random(seed)
-        examples = []
-        for i in range(size):
-            counts = rng.sample(range(1, self.max_shapes + 1), 2)  # two different counts
-            images = [draw_count(c, self.image_size, rng) for c in counts]
-            answer = "(A)" if counts[0] > counts[1] else "(B)"
-            examples.append({"id": f"{split}-{i}", "images": images, "counts": counts, "answer": answer})
-        return examples
+        rng = random.Random(spec[1])
+        return [self.draw_example(rng, f"{split}-{i}") for i in range(spec[0])]
+
+    def draw_example(self, rng: random.Random, example_id: str) -> dict:
+        counts = rng.sample(range(1, self.max_shapes + 1), 2)  # two different counts
+        images = [draw_count(c, self.image_size, rng) for c in counts]
+        return {"id": example_id, "images": images, "counts": counts, "answer": "(A)" if counts[0] > counts[1] else "(B)"}
 
     def prompt_text(self, example: dict) -> str:
         return f"{QUESTION}\n(A) {CHOICES[0]}\n(B) {CHOICES[1]}"
@@ -80,13 +77,11 @@ class MoreCountTask(Task):
         return RewardOutput(total=fmt + acc, components={"format": fmt, "accuracy": acc})
 
     def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
+        """`accuracy` and `format`: the means of the reward's two components."""
         if len(examples) != len(completions):
             raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
-        if not examples:
-            return {}
-        hits = [self.answers_right(c, e) for e, c in zip(examples, completions)]
-        formatted = [format_ok(self.full_completion(c)) for c in completions]
-        return {"accuracy": sum(hits) / len(hits), "format": sum(formatted) / len(formatted)}
+        parts = [self.score(c, e).components for e, c in zip(examples, completions)]
+        return {key: sum(p[key] for p in parts) / len(parts) for key in ("accuracy", "format")} if parts else {}
 
     def reference_answer(self, example: dict) -> str | None:
         return example["answer"]
