@@ -138,3 +138,18 @@ def test_vllm_sleep_on_a_machine_without_cuda_is_a_one_line_config_error(tmp_pat
     assert proc.stderr.strip().splitlines() == [
         "gpg-vl train: error: rollout.vllm_sleep=true needs CUDA: vLLM's CPU build has no sleep mode; set rollout.vllm_sleep=false"
     ]
+
+
+def test_two_image_prompts_train_and_evaluate_with_controls_through_vllm(tmp_path):
+    # the two-image twin: vLLM takes 2 images per prompt, the parity guard checks the first rollout's ids,
+    # and held-out evaluation runs the blind and shuffled controls through the same engine
+    out = tmp_path / "run"
+    proc = run_vllm([
+        str(VLLM_BIN / "gpg-vl"), "train", "--config", str(ROOT / "configs" / "morecount.yaml"),
+        "rollout.engine=vllm", "rollout.vllm_max_images_per_prompt=2", "model.name_or_path=builtin:tiny-h32-warm",
+        "train.max_steps=2", "eval.every=2", "eval.at_start=false", "task.eval_limit=20", "rollout.vllm_parity_every=1",
+        f"train.output_dir={out}", "logging.progress_bar=false",
+    ], ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 2 and {"eval/accuracy", "eval/blind/accuracy", "eval/shuffled/accuracy", "eval/visual_gain/accuracy"} <= set(last)
