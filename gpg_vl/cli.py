@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpg_vl.checkpoint import CheckpointError
     from gpg_vl.config import ConfigError
     from gpg_vl.data import DataError
+    from gpg_vl.guard import NonFiniteError
     from gpg_vl.mathverify import MathVerifyUnavailable
     from gpg_vl.modeling import ModelLoadError
     from gpg_vl.rollout.base import PromptParityError
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ConfigError, DataError, MathVerifyUnavailable, ModelLoadError, PromptParityError, FileNotFoundError) as e:
         print(f"gpg-vl {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # the run diverged: exit 3, apart from bad input (2)
+        print(f"gpg-vl {args.verb}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -290,6 +290,10 @@ class TrainConfig:
     overwrite: bool = False
     """A fresh run into a folder that holds an earlier run deletes that run's files (config.yaml, logs, tb/,
     samples, checkpoint-N/) first; false (default): stop with an error instead. Other files are left alone."""
+    on_nonfinite: str = option("stop", choices=("stop", "skip"))
+    """A NaN/inf reward, loss or gradient norm: the step is not applied, then stop: end the run (exit 3, naming
+    the step and the last good checkpoint); skip: go on and count it. Either way, non-finite weights or 5
+    skipped steps in a row end the run. Default stop: divergence repeats, and a skip would hide it."""
     sharding: str = option("none", choices=("none", "fsdp"))
     """none: every process holds the whole model (DDP, or DeepSpeed ZeRO when launched with its config);
     fsdp: parameters, gradients and optimizer state sharded across processes with torch FSDP2 (also on CPU)."""

@@ -10,15 +10,17 @@ processes, so every rank takes the same decisions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
 from gpg_vl import algorithms
 from gpg_vl.config import AlgorithmConfig, ConfigError
 from gpg_vl.rollout.base import Rollout, RolloutEngine, SamplingParams
-from gpg_vl.task import Task
+from gpg_vl.task import NonFiniteReward, Task
 
 
 class PromptSampler:
@@ -71,6 +73,7 @@ class StepGroups:
     global_valid: int  # valid groups in the trained batch, all ranks
     global_groups: int  # B, all ranks
     pool_valid_fraction: float  # share of valid groups among everything rolled out, all ranks
+    nonfinite_rewards: int = 0  # NaN/inf rewards anywhere in the pool, all ranks (the guard stops or skips)
 
 
 def _sum_locally(values: list[int]) -> list[int]:
@@ -102,7 +105,10 @@ def collect_groups(
         prompts = [task.messages(e) for e in batch]
         rollout = engine.generate(prompts, params)
         for text, index, length in zip(rollout.texts, rollout.prompt_indices, rollout.response_mask.sum(1).tolist()):
-            out = task.score(text, batch[index])
+            try:
+                out = task.score(text, batch[index])
+            except NonFiniteReward:  # the non-finite guard (gpg_vl/guard.py) stops or skips this step
+                out = SimpleNamespace(total=math.nan, components={})
             parts_of = dict(out.components)
             if algo.overlong_buffer:  # DAPO's soft overlong penalty, a reward component of its own
                 parts_of["overlong"] = algorithms.overlong_penalty(int(length), algo.overlong_max_length or params.max_new_tokens, algo.overlong_buffer)
@@ -130,7 +136,7 @@ def collect_groups(
     kept = pool.select(rows)
     kept.prompt_indices = [i // group_size for i in range(len(rows))]
     kept_valid = valid[keep]
-    global_valid, global_groups = all_reduce_sum([int(kept_valid.sum()), len(keep)])
+    global_valid, global_groups, nonfinite = all_reduce_sum([int(kept_valid.sum()), len(keep), sum(not math.isfinite(r) for r in rewards)])
     return StepGroups(
         examples=[pool_examples[g] for g in keep],
         prompts=[pool_prompts[g] for g in keep],
@@ -142,6 +148,7 @@ def collect_groups(
         global_valid=global_valid,
         global_groups=global_groups,
         pool_valid_fraction=pool_valid / max(pool_groups, 1),
+        nonfinite_rewards=nonfinite,
     )
 
 

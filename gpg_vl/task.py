@@ -20,6 +20,10 @@ PROMPT_STYLES = ("instruct", "base")
 Box = tuple[float, float, float, float]  # x1, y1, x2, y2
 
 
+class NonFiniteReward(ValueError):
+    """A reward total that is NaN or inf; the trainer turns it into a step the non-finite guard judges."""
+
+
 @dataclass
 class RewardOutput:
     """The score of one completion: `total` is what the trainer optimises, `components` what it logs."""
@@ -30,7 +34,7 @@ class RewardOutput:
     def __post_init__(self) -> None:
         self.total = float(self.total)
         if not math.isfinite(self.total):
-            raise ValueError(f"reward total must be finite, got {self.total}")
+            raise NonFiniteReward(f"reward total must be finite, got {self.total}")
         self.components = {k: float(v) for k, v in self.components.items()}
 
 

@@ -24,7 +24,7 @@ import torch
 
 from gpg_vl import algorithms
 from gpg_vl.checkpoint import (
-    CHECKPOINT_PREFIX, SHARDS_DIR, atomic_write_text, load_trainer_state, prepare_run_dir, save_checkpoint, shards_staging_dir,
+    CHECKPOINT_PREFIX, SHARDS_DIR, atomic_write_text, check_output_dir, load_trainer_state, prepare_run_dir, save_checkpoint, shards_staging_dir,
 )
 from gpg_vl.config import LR_SCHEDULES, Config, ConfigError
 from gpg_vl.distributed import (
@@ -33,6 +33,8 @@ from gpg_vl.distributed import (
     prepare_reference, shard_model,
 )
 from gpg_vl.groups import PromptSampler, collect_groups
+from gpg_vl.guard import NONFINITE, NonFiniteGuard, weights_finite
+from gpg_vl.runlock import acquire_run_lock, release_run_lock
 from gpg_vl.images import message_images
 from gpg_vl.logger import RunLogger
 from gpg_vl.prefix import compute_micro_batch_logprobs
@@ -176,6 +178,8 @@ def train(cfg: Config) -> dict:
     random.seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     # a fresh run refuses an earlier run's folder (or deletes it: train.overwrite); leftovers of crashed saves go
+    check_output_dir(out_dir)  # a path under a file or the root: one line, before the lock tries to create it
+    lock = acquire_run_lock(out_dir) if accelerator.is_main_process else None  # one run per folder (gpg_vl/runlock.py)
     resume_dir = prepare_run_dir(out_dir, cfg.checkpoint.resume, cfg.train.overwrite, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # every rank has checked the folder before the main one writes to it
     algo, G = cfg.algorithm, cfg.rollout.group_size
@@ -272,6 +276,7 @@ def train(cfg: Config) -> dict:
         with accelerator.autocast():
             logger.log(0, {f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
 
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.optim.lr, out_dir)
     for step in range(start_step + 1, cfg.train.max_steps + 1):
         t0 = time.time()
 
@@ -289,6 +294,9 @@ def train(cfg: Config) -> dict:
         valid_fraction = groups.global_valid / groups.global_groups
         alpha = algorithms.age_alpha(valid_fraction) if algo.age else 1.0
         skipped = groups.global_valid == 0  # no group carries a gradient: skip the step, never NaN
+        if groups.nonfinite_rewards and not guard.check_step(step, NONFINITE[0]):  # stop (raises) or skip
+            skipped = True
+            logger.write(f"step {step}: {groups.nonfinite_rewards} {NONFINITE[0]}; step not applied (train.on_nonfinite=skip)")
 
         # ==== 3. loss over micro-batches; normalisers count the WHOLE batch on all ranks ====
         mask = rollout.response_mask  # [B_local*G, L]
@@ -342,7 +350,13 @@ def train(cfg: Config) -> dict:
                 # ==== 4. optimizer step ====
                 max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")  # inf: measure only
                 grad_norm = grad_norm_value(accelerator.clip_grad_norm_(params, max_norm))
-                optimizer.step()
+                # the non-finite guard (gpg_vl/guard.py): every rank agrees, then applies the step or not
+                bad = guard.reason(all_reduce_sum(guard.flags(None, loss_sum, grad_norm)))
+                if guard.check_step(step, bad):
+                    optimizer.step()
+                    guard.check_weights(step, all_reduce_sum([int(not weights_finite(params))])[0] == 0)
+                else:
+                    logger.write(f"step {step}: {bad}; step not applied (train.on_nonfinite=skip)")
                 optimizer.zero_grad(set_to_none=True)
             scheduler.step()
 
@@ -376,7 +390,7 @@ def train(cfg: Config) -> dict:
                 torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
             total, count = all_reduce_sum([mismatch[0], mismatch[2]])
             metrics.update({"rollout/mismatch_mean": total / max(count, 1), "rollout/mismatch_max": float(top)})
-        if skipped:
+        if skipped and not groups.nonfinite_rewards:
             logger.write(f"step {step}: every group had equal rewards; skipped (no optimizer step)")
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
             log_samples(logger, step, groups, G, cfg.logging.num_samples, advantages, processor.tokenizer, task)
@@ -390,6 +404,8 @@ def train(cfg: Config) -> dict:
         logger.log(step, metrics)
 
     logger.close()
+    if lock is not None:
+        release_run_lock(lock)
     if accelerator.is_main_process and step_times:
         print(
             f"done: {len(step_times)} steps, {np.mean(step_times):.2f} s/step (median {np.median(step_times):.2f}), "
