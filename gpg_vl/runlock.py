@@ -16,6 +16,7 @@ from pathlib import Path
 from gpg_vl.checkpoint import CheckpointError
 
 LOCK_NAME = ".gpg-vl.lock"
+HELD: set[Path] = set()  # the locks this process holds (released at exit, or by release_held_locks)
 
 
 def _alive(pid: int) -> bool:
@@ -63,13 +64,22 @@ def acquire_run_lock(folder: str | Path) -> Path:
             ) from None
         with os.fdopen(fd, "w") as f:
             f.write(me + "\n")
-        atexit.register(release_run_lock, lock)
+        if not HELD:
+            atexit.register(release_held_locks)
+        HELD.add(lock)
         return lock
     raise CheckpointError(f"{folder}: could not take the lock file {lock}; another run is starting in the folder")
 
 
+def release_held_locks() -> None:
+    """Release every lock this process holds: at exit, and when `train` returns or raises."""
+    for lock in list(HELD):
+        release_run_lock(lock)
+
+
 def release_run_lock(lock: Path) -> None:
     """Remove the lock if this process still holds it."""
+    HELD.discard(lock)
     try:
         if lock.read_text().split()[1] == str(os.getpid()):
             lock.unlink()

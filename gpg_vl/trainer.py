@@ -34,7 +34,7 @@ from gpg_vl.distributed import (
 )
 from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.guard import NONFINITE, NonFiniteGuard, weights_finite
-from gpg_vl.runlock import acquire_run_lock, release_run_lock
+from gpg_vl.runlock import acquire_run_lock, release_held_locks, release_run_lock
 from gpg_vl.images import message_images
 from gpg_vl.logger import RunLogger
 from gpg_vl.prefix import compute_micro_batch_logprobs
@@ -54,7 +54,10 @@ def run(args) -> int:
     if args.print_config:
         print(config_to_yaml(cfg), end="")  # nothing loaded: the config is all there is to show
         return 0
-    train(cfg)
+    try:
+        train(cfg)
+    finally:  # a run that stops on an error frees its folder too (gpg_vl/runlock.py)
+        release_held_locks()
     return 0
 
 

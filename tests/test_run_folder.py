@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpg_vl import checkpoint
+from gpg_vl import atomic, checkpoint
 from gpg_vl.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -211,7 +211,7 @@ def test_read_only_folder_fails_before_writing(tmp_path, monkeypatch):
     def read_only(*a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(checkpoint.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", read_only)
     with pytest.raises(CheckpointError, match="could not save checkpoint-2 .*Read-only file system; the last good"):
         save_checkpoint(tmp_path / "checkpoint-2", FakeModel(), FakeModel(), {"step": 2}, keep_last=1)
 
