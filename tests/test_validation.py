@@ -50,6 +50,7 @@ BAD = [
     ("optim.adam_betas=[0.9]", "optim.adam_betas"),
     ("optim.name=sgd", "optim.name"),
     ("train.sharding=zero3", "train.sharding"),
+    ("train.on_nonfinite=ignore", "train.on_nonfinite"),
     ("algorithm.max_resample_attempts=-1", "algorithm.max_resample_attempts"),
     ("algorithm.min_valid_fraction=1.5", "algorithm.min_valid_fraction"),
     ("algorithm.name=ppo", "algorithm.name"),
