@@ -37,8 +37,15 @@ def folder_sizes(out: Path) -> dict[str, int]:
 
 
 def logged_steps(out: Path) -> int:
+    """The step of the last complete line of metrics.jsonl (0 before the first)."""
     metrics = out / "metrics.jsonl"
-    return sum(1 for _ in metrics.open()) if metrics.exists() else 0
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):  # a line being written
+            continue
+    return 0
 
 
 def main(argv=None) -> int:
