@@ -203,3 +203,19 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor(int(flag), device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t)
+
+
+def all_reduce_sum(accelerator, values: list):
+    """The element-wise sum of `values` over every rank (the values themselves on one process)."""
+    if accelerator.num_processes == 1:
+        return values
+    return accelerator.reduce(torch.tensor(values, device=accelerator.device), "sum").tolist()
+
+
+def all_reduce_max(accelerator, value: float) -> float:
+    """The largest `value` over every rank."""
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor(value, device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()

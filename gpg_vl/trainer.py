@@ -23,28 +23,27 @@ import numpy as np
 import torch
 
 from gpg_vl import algorithms
-from gpg_vl.checkpoint import (
-    CHECKPOINT_PREFIX, SHARDS_DIR, atomic_write_text, check_output_dir, load_trainer_state, prepare_run_dir, save_checkpoint, shards_staging_dir,
-)
-from gpg_vl.config import LR_SCHEDULES, Config, ConfigError
+from gpg_vl.checkpoint import atomic_write_text, check_output_dir, load_trainer_state, prepare_run_dir
+from gpg_vl.config import Config, ConfigError
 from gpg_vl.distributed import (
-    configure_deepspeed, drop_tied_copies, full_model_state_dict, full_optimizer_state_dict, grad_norm_value, is_deepspeed, is_fsdp2,
-    load_deepspeed_optimizer_shard, load_full_optimizer_state_dict, make_accelerator, micro_batch, needs_lockstep,
+    all_reduce_max, all_reduce_sum, configure_deepspeed, grad_norm_value, is_deepspeed, make_accelerator, micro_batch, needs_lockstep,
     prepare_reference, shard_model,
 )
 from gpg_vl.groups import PromptSampler, collect_groups
 from gpg_vl.guard import NONFINITE, NonFiniteGuard, weights_finite
-from gpg_vl.runlock import acquire_run_lock, release_held_locks, release_run_lock
-from gpg_vl.images import message_images
-from gpg_vl.logger import RunLogger
-from gpg_vl.prefix import compute_micro_batch_logprobs
-from gpg_vl.threads import configure_threads
-from gpg_vl.lora import adapter_state_dict, base_model, is_lora, load_adapter_state_dict, merged_state_dict
 from gpg_vl.kit import build_builtin
+from gpg_vl.logger import RunLogger
+from gpg_vl.lora import is_lora, load_adapter_state_dict
 from gpg_vl.modeling import check_model_source, check_update_resolution, describe_parameters, load_policy, torch_dtype
+from gpg_vl.optim import check_optimizer, make_optimizer, make_scheduler
+from gpg_vl.prefix import compute_micro_batch_logprobs
 from gpg_vl.recipes import add_arguments, config_from_args, config_to_yaml  # noqa: F401 (add_arguments: the `train` verb's CLI)
 from gpg_vl.registry import get_task
-from gpg_vl.rollout import SamplingParams, make_engine
+from gpg_vl.rollout import check_engine, make_engine, sampling_params
+from gpg_vl.runlock import acquire_run_lock, release_held_locks, release_run_lock
+from gpg_vl.runstate import restore, save
+from gpg_vl.samples import log_samples
+from gpg_vl.threads import configure_threads
 
 # ---- CLI: the arguments and the recipes live in gpg_vl.recipes ----------------------------------
 
@@ -61,73 +60,265 @@ def run(args) -> int:
     return 0
 
 
-# ---- helpers the loop reads from ---------------------------------------------------------------
+# ---- the loop ----------------------------------------------------------------------------------
 
 
-def check_optimizer(name: str, use_cuda: bool) -> None:
-    """Fail before anything loads when the optimizer cannot run here."""
-    if name != "adamw_8bit":
-        return
-    if not use_cuda:
-        raise ConfigError("optim.name=adamw_8bit needs a CUDA GPU (bitsandbytes); use optim.name=adamw on this machine")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError("optim.name=adamw_8bit needs bitsandbytes: pip install 'gpg-vl[gpu]'") from None
+def train(cfg: Config) -> dict:
+    """Run training as configured; returns the last step's metrics (plus held-out ones if evaluated)."""
+    use_cuda = torch.cuda.is_available()
+    check_optimizer(cfg.optim.name, use_cuda, cfg.train.sharding)
+    check_engine(cfg.rollout, use_cuda)
+    # model.dtype auto: fp32 master weights under bf16 autocast on CUDA; any other dtype is the weights' own
+    accelerator = make_accelerator(use_cuda, "bf16" if use_cuda and cfg.model.dtype == "auto" else "no")  # DeepSpeed on the CPU too
+    rank, world = accelerator.process_index, accelerator.num_processes
+    configure_threads(world)  # each local process takes its share of the CPUs (gpg_vl/threads.py)
+    if cfg.train.prompts_per_step % world:
+        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must divide by the {world} processes")
+    sharded = cfg.train.sharding == "fsdp"
+    if sharded and world < 2:
+        raise ConfigError("train.sharding=fsdp needs several processes (accelerate launch or torchrun)")
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    out_dir = Path(cfg.train.output_dir)
+    # a fresh run refuses an earlier run's folder (or deletes it: train.overwrite); leftovers of crashed saves go
+    check_output_dir(out_dir)  # a path under a file or the root: one line, before the lock tries to create it
+    lock = acquire_run_lock(out_dir) if accelerator.is_main_process else None  # one run per folder (gpg_vl/runlock.py)
+    resume_dir = prepare_run_dir(out_dir, cfg.checkpoint.resume, cfg.train.overwrite, accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # every rank has checked the folder before the main one writes to it
+    algo, G = cfg.algorithm, cfg.rollout.group_size
+
+    # Task, data, policy (weights in model.dtype; fp32 masters under autocast for `auto`), optimizer, schedule
+    task, train_examples, eval_examples = load_data(cfg, accelerator)
+    model, processor, ref_model, state = load_models(cfg, accelerator, resume_dir)
+    task.configure_images(processor.budget)  # e.g. RefCOCO maps boxes back with it
+    if sharded:  # accelerate builds FSDP on multi-GPU only, so the trainer shards the model itself
+        shard_model(model, accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    if accelerator.is_main_process:
+        print(describe_parameters(model, cfg.optim.name))
+    scheduler = make_scheduler(optimizer, cfg)
+    if is_deepspeed(accelerator):
+        configure_deepspeed(accelerator.state.deepspeed_plugin, cfg.optim.micro_batch_size, world, cfg.optim.max_grad_norm)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    if ref_model is not None and is_deepspeed(accelerator):
+        ref_model = prepare_reference(accelerator, ref_model)
+    policy = accelerator.unwrap_model(model)
+    engine = make_engine(cfg.rollout.engine, policy, processor, cfg.rollout, cfg.model, max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0))
+    sampler = PromptSampler(len(train_examples), cfg.train.seed, rank, world)
+    start_step = restore(accelerator, model, optimizer, scheduler, sampler, state, resume_dir) if resume_dir is not None else 0
+
+    resume_line = state.get("metrics") if resume_dir is not None else None  # the checkpoint step's log line
+    logger = RunLogger(cfg, out_dir, accelerator.is_main_process, cfg.train.max_steps, start_step, resume_line)
+    if resume_dir is not None:
+        logger.write(f"resumed from {resume_dir} at step {start_step}")
+    if accelerator.is_main_process:
+        atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))  # the same YAML --print-config shows
+    metrics: dict = {}
+    step_times: list[float] = []
+    model.train()
+    if eval_examples is not None and cfg.eval.at_start and start_step == 0:
+        with accelerator.autocast():
+            logger.log(0, {f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
+
+    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.optim.lr, out_dir)
+    for step in range(start_step + 1, cfg.train.max_steps + 1):
+        t0 = time.time()
+
+        # ==== 1. rollout + reward, resampling below the valid-group threshold (beta_th) ====
+        # A fixed seed per (step, rank) makes rollouts reproducible across resume; collect_groups adds 7 per extra round.
+        sampling = sampling_params(cfg.rollout, seed=cfg.train.seed * 1_000_003 + step * 101 + rank)
+        with accelerator.autocast():  # bf16 generation over fp32 masters (`auto` on CUDA), as the loss runs
+            groups = collect_groups(
+                task, engine, train_examples, sampler, algo, sampling, prompts_per_step=cfg.train.prompts_per_step,
+                pad_id=processor.pad_token_id, all_reduce_sum=lambda values: all_reduce_sum(accelerator, values),
+            )
+        rollout = groups.rollout
+        t_rollout = time.time() - t0
+
+        # ==== 2. advantages and AGE's alpha (B / (B - M), counted over all ranks) ====
+        advantages = algorithms.compute_advantages(algo.name, groups.rewards, group_size=G, std_normalize=algo.std_normalize)  # [B_local*G]
+        valid_fraction = groups.global_valid / groups.global_groups
+        alpha = algorithms.age_alpha(valid_fraction) if algo.age else 1.0
+        skipped = groups.global_valid == 0  # no group carries a gradient: skip the step, never NaN
+        if groups.nonfinite_rewards and not guard.check_step(step, NONFINITE[0]):  # stop (raises) or skip
+            skipped = True
+            logger.write(f"step {step}: {groups.nonfinite_rewards} {NONFINITE[0]}; step not applied (train.on_nonfinite=skip)")
+
+        # ==== 3. loss over micro-batches; normalisers count the WHOLE batch on all ranks ====
+        # A zero-advantage sequence adds nothing to the gradient (without KL), so only the others are
+        # run forward; they still count in the normalisers, which keeps the loss exactly the paper's.
+        carries = [i for i in range(len(rollout)) if advantages[i] != 0 or ref_model is not None]
+        totals = all_reduce_sum(accelerator, [int(rollout.response_mask.sum()), len(rollout)])  # tokens, sequences
+        n_micro = all_reduce_max(accelerator, math.ceil(len(carries) / cfg.optim.micro_batch_size))
+        loss_sum, loss_metrics, grad_norm, mismatch = 0.0, {}, 0.0, [0.0, 0.0, 0]
+        if not skipped:
+            old_logprobs: dict[int, torch.Tensor] = {}  # the first iteration's, per micro-batch (GRPO's ratio)
+            for iteration in range(algo.num_iterations):
+                loss_part, part_metrics, mismatch_part = accumulate_gradients(
+                    cfg, accelerator, model, ref_model, processor, groups, advantages, carries, n_micro, alpha, totals, old_logprobs,
+                )
+                loss_sum += loss_part
+                loss_metrics = {k: loss_metrics.get(k, 0.0) + v for k, v in part_metrics.items()}
+                if iteration == 0:
+                    mismatch = mismatch_part
+
+                # ==== 4. optimizer step, unless the non-finite guard (gpg_vl/guard.py) says otherwise ====
+                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")  # inf: measure only
+                grad_norm = grad_norm_value(accelerator.clip_grad_norm_(params, max_norm))
+                bad = guard.reason(all_reduce_sum(accelerator, guard.flags(None, loss_sum, grad_norm)))  # every rank agrees
+                if guard.check_step(step, bad):
+                    optimizer.step()
+                    guard.check_weights(step, all_reduce_sum(accelerator, [int(not weights_finite(params))])[0] == 0)
+                else:
+                    logger.write(f"step {step}: {bad}; step not applied (train.on_nonfinite=skip)")
+                optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+            # ==== 5. sync weights to the rollout engine ====
+            engine.sync_weights(policy)
+
+        # ==== 6. log, evaluate, checkpoint ====
+        step_times.append(time.time() - t0)
+        metrics = step_metrics(accelerator, cfg, groups, advantages, skipped, valid_fraction, alpha, loss_sum, loss_metrics, grad_norm, mismatch)
+        metrics.update({"lr": scheduler.get_last_lr()[0], "step_time_s": step_times[-1], "rollout_time_s": t_rollout})
+        if skipped and not groups.nonfinite_rewards:
+            logger.write(f"step {step}: every group had equal rewards; skipped (no optimizer step)")
+        if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
+            log_samples(logger, step, groups, G, cfg.logging.num_samples, advantages, processor.tokenizer, task)
+        # Save BEFORE evaluating: an OOM in eval must not cost the last save_every steps. The checkpoint
+        # carries this step's metrics, so a resume after a crash in eval still logs the step (without eval/).
+        if step == cfg.train.max_steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
+            save(accelerator, model, processor, optimizer, scheduler, sampler, step, cfg, dict(metrics))
+        if eval_examples is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.train.max_steps)):
+            with accelerator.autocast():
+                metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
+        logger.log(step, metrics)
+
+    logger.close()
+    if lock is not None:
+        release_run_lock(lock)
+    if accelerator.is_main_process and step_times:
+        print(
+            f"done: {len(step_times)} steps, {np.mean(step_times):.2f} s/step (median {np.median(step_times):.2f}), "
+            f"peak memory {peak_memory_mb(accelerator.device):.0f} MiB; run folder {out_dir}"
+        )
+        if any(k.startswith("eval/") for k in metrics):
+            print("held-out: " + ", ".join(f"{k[5:]}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
+    accelerator.wait_for_everyone()
+    return metrics
 
 
-def check_engine(rollout_cfg, use_cuda: bool) -> None:
-    """Fail before anything loads when the rollout engine's options cannot run here."""
-    if rollout_cfg.engine == "vllm" and rollout_cfg.vllm_sleep and not use_cuda:
-        raise ConfigError("rollout.vllm_sleep=true needs CUDA: vLLM's CPU build has no sleep mode; set rollout.vllm_sleep=false")
+# ---- the stages the loop calls ------------------------------------------------------------------
 
 
-def make_optimizer(params, cfg: Config):
-    """AdamW over the trainable parameters: torch's (state in the weights' dtype) or bitsandbytes' 8-bit one.
-
-    torch's is the fused kernel: the per-tensor version allocates temporaries as large as the largest
-    parameter (the 151,936-row embedding), which measured 1.4 GB more peak memory at 2B widths.
-    """
-    kwargs = dict(lr=cfg.optim.lr, betas=cfg.optim.adam_betas, weight_decay=cfg.optim.weight_decay)
-    if cfg.optim.name == "adamw_8bit":
-        import bitsandbytes
-
-        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, fused=True, **kwargs)
-
-
-def make_scheduler(optimizer, cfg: Config):
-    """Linear warmup, then constant / linear / cosine decay to zero at max_steps."""
-    warmup, total, kind = cfg.optim.warmup_steps, max(1, cfg.train.max_steps), cfg.optim.lr_schedule
-    if kind not in LR_SCHEDULES:  # the config checks it; this guards a Config built in code
-        raise ValueError(f"optim.lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {kind!r}")
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def load_data(cfg: Config, accelerator):
+    """The task and its training and held-out examples (a hub model that cannot be loaded fails first)."""
+    with accelerator.local_main_process_first():  # a builtin preset is built once per machine, not by every rank
+        check_model_source(build_builtin(cfg.model.name_or_path))  # the explicit build step (gpg_vl.kit)
+    task = get_task(cfg.task.name, **cfg.task.options)
+    train_examples = task.load(cfg.task.train_data, cfg.task.train_split)
+    if cfg.train.train_limit:
+        train_examples = train_examples[: cfg.train.train_limit]
+    eval_examples = None
+    if cfg.eval.every or cfg.eval.at_end or cfg.eval.at_start:
+        eval_examples = task.load(cfg.task.eval_data, cfg.task.eval_split)[: cfg.task.eval_limit]
+    return task, train_examples, eval_examples
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def load_models(cfg: Config, accelerator, resume_dir: Path | None):
+    """(policy, processor, reference model or None, the resumed trainer state or None)."""
+    model_cfg, state = copy.deepcopy(cfg.model), None
+    weights_dtype = torch.float32 if cfg.model.dtype == "auto" else torch_dtype(cfg.model.dtype, accelerator.device)
+    if resume_dir is not None:
+        state = load_trainer_state(resume_dir)
+        if not cfg.model.lora.r:  # LoRA re-reads its frozen base and restores the adapter from the state
+            model_cfg.name_or_path = str(resume_dir)
+    model, processor = load_policy(model_cfg, accelerator.device, weights_dtype)
+    check_update_resolution(model, cfg.optim.lr)  # bf16 weights at lr 1e-6 would barely train: refused
+    if state is not None and is_lora(model):
+        load_adapter_state_dict(model, state["adapter"])
+    ref_model = None
+    if cfg.algorithm.kl_coef > 0:  # only algorithms registered with kl_coef accept it (GPG never loads a reference)
+        ref_cfg = copy.deepcopy(cfg.model)
+        ref_cfg.lora.r = 0  # the reference is the base policy, without adapters
+        ref_model, _ = load_policy(ref_cfg, accelerator.device, weights_dtype)
+        ref_model.eval().requires_grad_(False)
+    return model, processor, ref_model, state
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def accumulate_gradients(cfg, accelerator, model, ref_model, processor, groups, advantages, carries, n_micro, alpha, totals, old_logprobs):
+    """One backward pass over the rows that carry a gradient, in `n_micro` micro-batches (the same count on
+    every rank: a rank with fewer runs one with weight 0). Returns (loss, loss metrics, mismatch [sum, max,
+    count] of |trainer - engine| log p). `old_logprobs` is filled on the first call, read on later ones."""
+    rollout, algo, world = groups.rollout, cfg.algorithm, accelerator.num_processes
+    mask = rollout.response_mask  # [B_local*G, L]
+    # each prompt once per micro-batch (gpg_vl/prefix.py); checkpointing drops the KV cache it needs
+    shared = cfg.optim.shared_prefix and not cfg.model.gradient_checkpointing
+    lengths = [int(n) for n in mask.sum(1).tolist()]
+    chunks = micro_batches(carries, cfg.optim.micro_batch_size, n_micro, lengths, rollout.prompt_indices if shared else None)
+    first = not old_logprobs
+    loss_sum, loss_metrics, mismatch = 0.0, {}, [0.0, 0.0, 0]
+    for k, rows in enumerate(chunks):
+        idle = not rows  # this rank has fewer micro-batches: it runs one with weight 0
+        rows, weight = (carries[:1] or [0], 0.0) if idle else (rows, 1.0)
+        width = max(1, max(lengths[r] for r in rows))  # drop the padding no row here needs
+        ids, row_mask = rollout.completion_ids[rows, :width], mask[rows, :width]  # [m, width]
+        owners = [rollout.prompt_indices[r] for r in rows]
+        sync = micro_batch(accelerator, model, last=k == len(chunks) - 1)  # one sync/step per GPG step
+        with sync, accelerator.autocast():
+            logprobs = compute_micro_batch_logprobs(model, processor, groups.prompts, owners, ids, row_mask, cfg.rollout.temperature, shared)  # [m, width]
+            sampled = rollout.logprobs[rows, :width].to(logprobs.device)  # the engine's own [m, width]
+            if first:
+                old_logprobs[k] = logprobs.detach()
+                if not idle:
+                    total, top, count = algorithms.mismatch_stats(logprobs, sampled, row_mask)
+                    mismatch = [mismatch[0] + total, max(mismatch[1], top), mismatch[2] + count]
+            ref = None
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref = compute_micro_batch_logprobs(ref_model, processor, groups.prompts, owners, ids, row_mask, cfg.rollout.temperature, shared)
+            loss, m = algorithms.compute_policy_loss(
+                algo.name, logprobs, advantages[rows].to(logprobs.device), row_mask.to(logprobs.device),
+                alpha=alpha, old_logprobs=old_logprobs[k], ref_logprobs=ref,
+                clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef, loss_agg=algo.loss_agg,
+                rollout_logprobs=sampled, rollout_correction=algo.rollout_correction, tis_cap=algo.tis_cap,
+                total_tokens=totals[0], total_sequences=totals[1], max_response_length=cfg.rollout.max_new_tokens,
+            )
+            # DDP averages gradients over ranks; the normalisers are global, so undo the mean
+            accelerator.backward(loss * weight * world)
+        loss_sum += loss.item() * weight
+        for key, value in m.items():
+            loss_metrics[key] = loss_metrics.get(key, 0.0) + value * len(rows) * weight / max(len(carries), 1)
+    return loss_sum, loss_metrics, mismatch
+
+
+def step_metrics(accelerator, cfg, groups, advantages, skipped, valid_fraction, alpha, loss_sum, loss_metrics, grad_norm, mismatch) -> dict:
+    """The step's line in metrics.jsonl (without lr and timings), reduced over ranks where it sums."""
+    rollout, mask = groups.rollout, groups.rollout.response_mask
+    metrics = {
+        "loss": all_reduce_sum(accelerator, [loss_sum])[0] / cfg.algorithm.num_iterations,
+        "reward_mean": float(groups.rewards.mean()),
+        "reward_std": float(groups.rewards.std()) if len(groups.rewards) > 1 else 0.0,
+        **{f"reward/{k}": float(np.mean([c.get(k, 0.0) for c in groups.components])) for k in groups.components[0]},
+        "valid_fraction": valid_fraction,
+        "pool_valid_fraction": groups.pool_valid_fraction,
+        "alpha": alpha,
+        "resample_attempts": groups.resample_attempts,
+        "skipped": int(skipped),
+        "completion_length": float(mask.sum(1).mean()),
+        "truncated_fraction": sum(f == "length" for f in rollout.finish_reasons) / len(rollout),
+        "grad_norm": grad_norm,
+        **{f"loss/{k}": v for k, v in loss_metrics.items() if k not in ("alpha", "valid_fraction")},
+    }
+    if not skipped:  # the mismatch a user should see before it hurts (vLLM's kernels differ from training's)
+        top = all_reduce_max(accelerator, float(mismatch[1]))
+        total, count = all_reduce_sum(accelerator, [mismatch[0], mismatch[2]])
+        metrics.update({"rollout/mismatch_mean": total / max(count, 1), "rollout/mismatch_max": float(top)})
+    return metrics
 
 
 def micro_batches(
@@ -157,276 +348,13 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# ---- the loop ----------------------------------------------------------------------------------
-
-
-def train(cfg: Config) -> dict:
-    """Run training as configured; returns the last step's metrics (plus held-out ones if evaluated)."""
-    use_cuda = torch.cuda.is_available()
-    if cfg.train.sharding == "fsdp" and cfg.optim.name == "adamw_8bit":  # bitsandbytes issue 1633: no DTensor parameters
-        raise ConfigError("optim.name=adamw_8bit does not work with train.sharding=fsdp (bitsandbytes cannot step FSDP2's DTensor shards); use optim.name=adamw")
-    check_optimizer(cfg.optim.name, use_cuda)
-    check_engine(cfg.rollout, use_cuda)
-    # model.dtype auto: fp32 master weights under bf16 autocast on CUDA; any other dtype is the weights' own
-    autocast_bf16 = use_cuda and cfg.model.dtype == "auto"
-    accelerator = make_accelerator(use_cuda, "bf16" if autocast_bf16 else "no")  # DeepSpeed on the CPU too
-    rank, world = accelerator.process_index, accelerator.num_processes
-    configure_threads(world)  # each local process takes its share of the CPUs (gpg_vl/threads.py)
-    if cfg.train.prompts_per_step % world:
-        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} must divide by the {world} processes")
-    sharded = cfg.train.sharding == "fsdp"
-    if sharded and world < 2:
-        raise ConfigError("train.sharding=fsdp needs several processes (accelerate launch or torchrun)")
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    out_dir = Path(cfg.train.output_dir)
-    # a fresh run refuses an earlier run's folder (or deletes it: train.overwrite); leftovers of crashed saves go
-    check_output_dir(out_dir)  # a path under a file or the root: one line, before the lock tries to create it
-    lock = acquire_run_lock(out_dir) if accelerator.is_main_process else None  # one run per folder (gpg_vl/runlock.py)
-    resume_dir = prepare_run_dir(out_dir, cfg.checkpoint.resume, cfg.train.overwrite, accelerator.is_main_process)
-    accelerator.wait_for_everyone()  # every rank has checked the folder before the main one writes to it
-    algo, G = cfg.algorithm, cfg.rollout.group_size
-
-    # Task and data (a hub model that cannot be loaded fails here, before any data is read)
-    with accelerator.local_main_process_first():  # a builtin preset is built once per machine, not by every rank
-        check_model_source(build_builtin(cfg.model.name_or_path))  # the explicit build step (gpg_vl.kit)
-    task = get_task(cfg.task.name, **cfg.task.options)
-    train_examples = task.load(cfg.task.train_data, cfg.task.train_split)
-    if cfg.train.train_limit:
-        train_examples = train_examples[: cfg.train.train_limit]
-    eval_examples = None
-    if cfg.eval.every or cfg.eval.at_end or cfg.eval.at_start:
-        eval_examples = task.load(cfg.task.eval_data, cfg.task.eval_split)[: cfg.task.eval_limit]
-
-    # Policy (weights in model.dtype; fp32 masters under autocast for `auto`), optimizer, schedule
-    model_cfg = copy.deepcopy(cfg.model)
-    weights_dtype = torch.float32 if cfg.model.dtype == "auto" else torch_dtype(cfg.model.dtype, accelerator.device)
-    if resume_dir is not None:
-        state = load_trainer_state(resume_dir)
-        if not cfg.model.lora.r:  # LoRA re-reads its frozen base and restores the adapter from the state
-            model_cfg.name_or_path = str(resume_dir)
-    model, processor = load_policy(model_cfg, accelerator.device, weights_dtype)
-    check_update_resolution(model, cfg.optim.lr)  # bf16 weights at lr 1e-6 would barely train: refused
-    if resume_dir is not None and is_lora(model):
-        load_adapter_state_dict(model, state["adapter"])
-    task.configure_images(processor.budget)  # e.g. RefCOCO maps boxes back with it
-    ref_model = None
-    if algo.kl_coef > 0:  # only algorithms registered with kl_coef accept it (GPG never loads a reference)
-        ref_cfg = copy.deepcopy(cfg.model)
-        ref_cfg.lora.r = 0  # the reference is the base policy, without adapters
-        ref_model, _ = load_policy(ref_cfg, accelerator.device, weights_dtype)
-        ref_model.eval().requires_grad_(False)
-    if sharded:  # accelerate builds FSDP on multi-GPU only, so the trainer shards the model itself
-        shard_model(model, accelerator.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    if accelerator.is_main_process:
-        print(describe_parameters(model, cfg.optim.name))
-    scheduler = make_scheduler(optimizer, cfg)
-    if is_deepspeed(accelerator):
-        configure_deepspeed(accelerator.state.deepspeed_plugin, cfg.optim.micro_batch_size, world, cfg.optim.max_grad_norm)
-    if sharded:
-        optimizer = accelerator.prepare(optimizer)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    if ref_model is not None and is_deepspeed(accelerator):
-        ref_model = prepare_reference(accelerator, ref_model)
-    policy = accelerator.unwrap_model(model)
-    engine = make_engine(cfg.rollout.engine, policy, processor, cfg.rollout, cfg.model, max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens or 0))
-    sampler = PromptSampler(len(train_examples), cfg.train.seed, rank, world)
-    start_step = 0
-    if resume_dir is not None:
-        load_optimizer_state(accelerator, model, optimizer, state, resume_dir)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        start_step = state["step"]
-
-    def all_reduce_sum(values: list[int]) -> list[int]:
-        if world == 1:
-            return values
-        return accelerator.reduce(torch.tensor(values, device=accelerator.device), "sum").tolist()
-
-    def all_reduce_max(value: int) -> int:
-        if world == 1:
-            return value
-        t = torch.tensor(value, device=accelerator.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t)
-
-    def sampling(step: int):
-        # A fixed seed per (step, rank) makes rollouts reproducible across resume; collect_groups adds 7 per extra round.
-        return SamplingParams(
-            n=G,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            top_k=cfg.rollout.top_k,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            seed=cfg.train.seed * 1_000_003 + step * 101 + rank,
-        )
-
-    resume_line = state.get("metrics") if resume_dir is not None else None  # the checkpoint step's log line
-    logger = RunLogger(cfg, out_dir, accelerator.is_main_process, cfg.train.max_steps, start_step, resume_line)
-    if resume_dir is not None:
-        logger.write(f"resumed from {resume_dir} at step {start_step}")
-    if accelerator.is_main_process:
-        atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))  # the same YAML --print-config shows
-    metrics: dict = {}
-    step_times: list[float] = []
-    model.train()
-
-    if eval_examples is not None and cfg.eval.at_start and start_step == 0:
-        with accelerator.autocast():
-            logger.log(0, {f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
-
-    guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.optim.lr, out_dir)
-    for step in range(start_step + 1, cfg.train.max_steps + 1):
-        t0 = time.time()
-
-        # ==== 1. rollout + reward, resampling below the valid-group threshold (beta_th) ====
-        with accelerator.autocast():  # bf16 generation over fp32 masters (`auto` on CUDA), as the loss runs
-            groups = collect_groups(
-                task, engine, train_examples, sampler, algo, sampling(step),
-                prompts_per_step=cfg.train.prompts_per_step, pad_id=processor.pad_token_id, all_reduce_sum=all_reduce_sum,
-            )
-        rollout = groups.rollout
-        t_rollout = time.time() - t0
-
-        # ==== 2. advantages and AGE's alpha (B / (B - M), counted over all ranks) ====
-        advantages = algorithms.compute_advantages(algo.name, groups.rewards, group_size=G, std_normalize=algo.std_normalize)  # [B_local*G]
-        valid_fraction = groups.global_valid / groups.global_groups
-        alpha = algorithms.age_alpha(valid_fraction) if algo.age else 1.0
-        skipped = groups.global_valid == 0  # no group carries a gradient: skip the step, never NaN
-        if groups.nonfinite_rewards and not guard.check_step(step, NONFINITE[0]):  # stop (raises) or skip
-            skipped = True
-            logger.write(f"step {step}: {groups.nonfinite_rewards} {NONFINITE[0]}; step not applied (train.on_nonfinite=skip)")
-
-        # ==== 3. loss over micro-batches; normalisers count the WHOLE batch on all ranks ====
-        mask = rollout.response_mask  # [B_local*G, L]
-        total_tokens, total_seqs = all_reduce_sum([int(mask.sum()), mask.shape[0]])
-        # A zero-advantage sequence adds nothing to the gradient (without KL), so only the others are
-        # run forward; they still count in the normalisers, which keeps the loss exactly the paper's.
-        carries = [i for i in range(len(rollout)) if advantages[i] != 0 or ref_model is not None]
-        n_micro = all_reduce_max(math.ceil(len(carries) / cfg.optim.micro_batch_size))
-        loss_sum, loss_metrics, grad_norm = 0.0, {}, 0.0
-        mismatch = [0.0, 0.0, 0]  # sum, max, count of |trainer - rollout engine| log p over trained tokens
-        if not skipped:
-            old_logprobs: dict[int, torch.Tensor] = {}
-            # each prompt once per micro-batch (gpg_vl/prefix.py); checkpointing drops the KV cache it needs
-            shared = cfg.optim.shared_prefix and not cfg.model.gradient_checkpointing
-            lengths = [int(n) for n in mask.sum(1).tolist()]
-            for iteration in range(algo.num_iterations):
-                chunks = micro_batches(carries, cfg.optim.micro_batch_size, n_micro, lengths, rollout.prompt_indices if shared else None)
-                for k, rows in enumerate(chunks):
-                    idle = not rows  # this rank has fewer micro-batches: it runs one with weight 0
-                    rows, weight = (carries[:1] or [0], 0.0) if idle else (rows, 1.0)
-                    width = max(1, max(lengths[r] for r in rows))  # drop the padding no row here needs
-                    ids, row_mask = rollout.completion_ids[rows, :width], mask[rows, :width]  # [m, width]
-                    owners = [rollout.prompt_indices[r] for r in rows]
-                    sync = micro_batch(accelerator, model, last=k == len(chunks) - 1)  # one sync/step per GPG step
-                    with sync, accelerator.autocast():
-                        logprobs = compute_micro_batch_logprobs(model, processor, groups.prompts, owners, ids, row_mask, cfg.rollout.temperature, shared)  # [m, width]
-                        sampled = rollout.logprobs[rows, :width].to(logprobs.device)  # the engine's own [m, width]
-                        if iteration == 0:
-                            old_logprobs[k] = logprobs.detach()
-                            if not idle:
-                                total, top, count = algorithms.mismatch_stats(logprobs, sampled, row_mask)
-                                mismatch = [mismatch[0] + total, max(mismatch[1], top), mismatch[2] + count]
-                        ref = None
-                        if ref_model is not None:
-                            with torch.no_grad():
-                                ref = compute_micro_batch_logprobs(ref_model, processor, groups.prompts, owners, ids, row_mask, cfg.rollout.temperature, shared)
-                        loss, m = algorithms.compute_policy_loss(
-                            algo.name, logprobs, advantages[rows].to(logprobs.device), row_mask.to(logprobs.device),
-                            alpha=alpha, old_logprobs=old_logprobs[k], ref_logprobs=ref,
-                            clip_eps=algo.clip_eps, clip_eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef, loss_agg=algo.loss_agg,
-                            rollout_logprobs=sampled, rollout_correction=algo.rollout_correction, tis_cap=algo.tis_cap,
-                            total_tokens=total_tokens, total_sequences=total_seqs,
-                            max_response_length=cfg.rollout.max_new_tokens,
-                        )
-                        # DDP averages gradients over ranks; the normalisers are global, so undo the mean
-                        accelerator.backward(loss * weight * world)
-                    loss_sum += loss.item() * weight
-                    for key, value in m.items():
-                        loss_metrics[key] = loss_metrics.get(key, 0.0) + value * len(rows) * weight / max(len(carries), 1)
-
-                # ==== 4. optimizer step ====
-                max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")  # inf: measure only
-                grad_norm = grad_norm_value(accelerator.clip_grad_norm_(params, max_norm))
-                # the non-finite guard (gpg_vl/guard.py): every rank agrees, then applies the step or not
-                bad = guard.reason(all_reduce_sum(guard.flags(None, loss_sum, grad_norm)))
-                if guard.check_step(step, bad):
-                    optimizer.step()
-                    guard.check_weights(step, all_reduce_sum([int(not weights_finite(params))])[0] == 0)
-                else:
-                    logger.write(f"step {step}: {bad}; step not applied (train.on_nonfinite=skip)")
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-
-            # ==== 5. sync weights to the rollout engine ====
-            engine.sync_weights(policy)
-
-        # ==== 6. log, evaluate, checkpoint ====
-        step_times.append(time.time() - t0)
-        loss_total = accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "sum").item() if world > 1 else loss_sum
-        metrics = {
-            "loss": loss_total / algo.num_iterations,
-            "reward_mean": float(groups.rewards.mean()),
-            "reward_std": float(groups.rewards.std()) if len(groups.rewards) > 1 else 0.0,
-            **{f"reward/{k}": float(np.mean([c.get(k, 0.0) for c in groups.components])) for k in groups.components[0]},
-            "valid_fraction": valid_fraction,
-            "pool_valid_fraction": groups.pool_valid_fraction,
-            "alpha": alpha,
-            "resample_attempts": groups.resample_attempts,
-            "skipped": int(skipped),
-            "completion_length": float(mask.sum(1).mean()),
-            "truncated_fraction": sum(f == "length" for f in rollout.finish_reasons) / len(rollout),
-            "grad_norm": grad_norm,
-            "lr": scheduler.get_last_lr()[0],
-            "step_time_s": step_times[-1],
-            "rollout_time_s": t_rollout,
-            **{f"loss/{k}": v for k, v in loss_metrics.items() if k not in ("alpha", "valid_fraction")},
-        }
-        if not skipped:  # the mismatch a user should see before it hurts (vLLM's kernels differ from training's)
-            top = torch.tensor(mismatch[1], device=accelerator.device)
-            if world > 1:
-                torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
-            total, count = all_reduce_sum([mismatch[0], mismatch[2]])
-            metrics.update({"rollout/mismatch_mean": total / max(count, 1), "rollout/mismatch_max": float(top)})
-        if skipped and not groups.nonfinite_rewards:
-            logger.write(f"step {step}: every group had equal rewards; skipped (no optimizer step)")
-        if cfg.logging.sample_every and step % cfg.logging.sample_every == 0:
-            log_samples(logger, step, groups, G, cfg.logging.num_samples, advantages, processor.tokenizer, task)
-        # Save BEFORE evaluating: an OOM in eval must not cost the last save_every steps. The checkpoint
-        # carries this step's metrics, so a resume after a crash in eval still logs the step (without eval/).
-        if step == cfg.train.max_steps or (cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0):
-            save(accelerator, model, processor, optimizer, scheduler, sampler, step, cfg, dict(metrics))
-        if eval_examples is not None and ((cfg.eval.every and step % cfg.eval.every == 0) or (cfg.eval.at_end and step == cfg.train.max_steps)):
-            with accelerator.autocast():
-                metrics.update({f"eval/{k}": v for k, v in evaluate_heldout(task, engine, eval_examples, cfg, rank, world).items()})
-        logger.log(step, metrics)
-
-    logger.close()
-    if lock is not None:
-        release_run_lock(lock)
-    if accelerator.is_main_process and step_times:
-        print(
-            f"done: {len(step_times)} steps, {np.mean(step_times):.2f} s/step (median {np.median(step_times):.2f}), "
-            f"peak memory {peak_memory_mb(accelerator.device):.0f} MiB; run folder {out_dir}"
-        )
-        if any(k.startswith("eval/") for k in metrics):
-            print("held-out: " + ", ".join(f"{k[5:]}={v:.3f}" for k, v in metrics.items() if k.startswith("eval/")))
-    accelerator.wait_for_everyone()
-    return metrics
-
-
 def evaluate_heldout(task, engine, examples, cfg: Config, rank: int = 0, world: int = 1) -> dict[str, float]:
     """Greedy completions on the held-out split, scored with the task's own metrics, then once more per
     `eval.controls` entry (`<control>/<metric>`, `visual_gain/<metric>`). Each of the `world` processes
     generates one slice; the metrics are computed once, on the whole split, and every rank gets them."""
     from gpg_vl.generation import evaluate_completions
 
-    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
+    params = sampling_params(cfg.rollout, n=1, temperature=0.0, max_new_tokens=cfg.eval.max_new_tokens)
     lockstep = cfg.train.sharding == "fsdp" or needs_lockstep(getattr(engine, "model", None))  # FSDP2, ZeRO-3: every rank runs every forward
     _, metrics = evaluate_completions(task, engine, examples, params, cfg.eval.batch_size, rank, world, lockstep)
     if not cfg.eval.controls:
@@ -440,100 +368,3 @@ def evaluate_heldout(task, engine, examples, cfg: Config, rank: int = 0, world: 
         for control in cfg.eval.controls
     }  # fmt: skip
     return with_controls(metrics, by_control)
-
-
-def log_samples(logger: RunLogger, step: int, groups, group_size: int, count: int, advantages=None, tokenizer=None, task=None) -> None:
-    """Write `count` groups to samples.jsonl: per group the prompt text, `valid`, and per completion its text,
-    reward, reward components, advantage, and its tokens with their sampled log-probs (what the demo's
-    rollout inspector shows); every prompt image; for a grounding task the true box and each completion's
-    box in original-image pixels. `prompt`, `completions` and `rewards` keep their meaning for older readers."""
-    from gpg_vl.boxes import grounding_boxes
-    rollout = groups.rollout
-
-    def token_pieces(ids: list[int]) -> list[str]:
-        # One string per token that together spell the text (special tokens kept). Trap: a byte-level BPE
-        # token can hold part of a UTF-8 character, which decodes alone to U+FFFD; such a token gets "" and
-        # the token that completes the character gets all of it (at most 4 bytes are held back).
-        pieces, start = [], 0
-        for i in range(len(ids)):
-            text = tokenizer.decode(ids[start : i + 1])
-            if text.endswith("\ufffd") and i - start < 3 and i + 1 < len(ids):
-                pieces.append("")
-                continue
-            pieces.append(text)
-            start = i + 1
-        return pieces
-
-    rows, images = [], []
-    for g in range(min(count, len(groups.examples))):
-        span = range(g * group_size, (g + 1) * group_size)
-        text = next((item["text"] for m in groups.prompts[g] if isinstance(m["content"], list) for item in m["content"] if item.get("type") == "text"), "")
-        row = {
-            "prompt": text,
-            "completions": [rollout.texts[i] for i in span],
-            "rewards": [float(groups.rewards[i]) for i in span],
-            "components": [dict(groups.components[i]) for i in span],
-            "valid": bool(groups.valid[g]),
-            "finish_reasons": [rollout.finish_reasons[i] for i in span],
-        }
-        if advantages is not None:
-            row["advantages"] = [float(advantages[i]) for i in span]
-        if tokenizer is not None:
-            lengths = [int(rollout.response_mask[i].sum()) for i in span]  # generated tokens, EOS included
-            ids = [rollout.completion_ids[i, :n].tolist() for i, n in zip(span, lengths)]
-            row["tokens"] = [token_pieces(seq) for seq in ids]
-            row["logprobs"] = [[round(float(v), 4) for v in rollout.logprobs[i, :n]] for i, n in zip(span, lengths)]
-        found = message_images(groups.prompts[g])
-        if task is not None and found:
-            row.update(grounding_boxes(task, groups.examples[g], [rollout.texts[i] for i in span], found[0].size))
-        rows.append(row)
-        images.append(found)
-    logger.samples(step, rows, images)
-
-
-def load_optimizer_state(accelerator, model, optimizer, state: dict, folder: Path) -> None:
-    """The optimizer state a checkpoint saved, back onto this rank (the full state under FSDP2, this rank's
-    own shard under DeepSpeed, the whole state otherwise)."""
-    if is_fsdp2(model):
-        load_full_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"])
-    elif is_deepspeed(accelerator):
-        shard = torch.load(folder / SHARDS_DIR / f"rank{accelerator.process_index}.pt", map_location="cpu", weights_only=False, mmap=True)
-        load_deepspeed_optimizer_shard(optimizer.optimizer, accelerator.process_index, shard)
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-
-
-def save(accelerator, model, processor, optimizer, scheduler, sampler, step: int, cfg: Config, metrics: dict | None = None) -> None:
-    """Checkpoint with every rank's RNG state and this step's metrics line, written by the main process atomically."""
-    rngs = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [rng_state()]
-    policy = accelerator.unwrap_model(model)
-    # LoRA: merged weights, so the folder loads without peft. FSDP2: weights and optimizer state gathered
-    # (collectives). DeepSpeed: a collective under ZeRO-3, and each rank stages its own optimizer shard.
-    staged = None
-    if is_fsdp2(model):
-        weights = merged_state_dict(policy) if is_lora(policy) else full_model_state_dict(model)
-        optimizer_state = full_optimizer_state_dict(model, optimizer.optimizer)
-    else:
-        weights = merged_state_dict(policy) if is_lora(policy) else drop_tied_copies(policy, accelerator.get_state_dict(model))
-        optimizer_state = None if is_deepspeed(accelerator) else optimizer.state_dict()
-    if is_deepspeed(accelerator):
-        staged = shards_staging_dir(cfg.train.output_dir, step)
-        staged.mkdir(parents=True, exist_ok=True)
-        torch.save(optimizer.state_dict(), staged / f"rank{accelerator.process_index}.pt")
-        accelerator.wait_for_everyone()
-    adapter = adapter_state_dict(policy) if is_lora(policy) else None  # a gather under FSDP2: every rank
-    if accelerator.is_main_process:
-        state = {
-            "step": step,
-            "optimizer": optimizer_state,
-            "scheduler": scheduler.state_dict(),
-            "sampler": sampler.state_dict(),
-            "rng": rngs,
-            "config": cfg.to_dict(),
-            "metrics": metrics,
-        }
-        if adapter is not None:
-            state["adapter"] = adapter
-        folder = Path(cfg.train.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-        save_checkpoint(folder, base_model(policy), processor, state, cfg.checkpoint.keep_last, weights, staged)
-    accelerator.wait_for_everyone()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gpg_vl.errors import ConfigError
 from gpg_vl.rollout.base import Rollout, RolloutEngine, SamplingParams, sampling_params
 
 
@@ -35,4 +36,10 @@ def make_engine(name: str, model, processor, rollout_cfg, model_cfg, max_new_tok
     return ENGINES[name](model, processor, rollout_cfg, model_cfg, max_new_tokens)
 
 
-__all__ = ["ENGINES", "Rollout", "RolloutEngine", "SamplingParams", "make_engine", "sampling_params"]
+def check_engine(rollout_cfg, use_cuda: bool) -> None:
+    """Fail before anything loads when the rollout engine's options cannot run here."""
+    if rollout_cfg.engine == "vllm" and rollout_cfg.vllm_sleep and not use_cuda:
+        raise ConfigError("rollout.vllm_sleep=true needs CUDA: vLLM's CPU build has no sleep mode; set rollout.vllm_sleep=false")
+
+
+__all__ = ["ENGINES", "check_engine", "Rollout", "RolloutEngine", "SamplingParams", "make_engine", "sampling_params"]
