@@ -37,3 +37,16 @@ def test_latest_ignores_temporaries_and_orders_numerically(tmp_path):
     assert resolve_resume("latest", tmp_path).name == "checkpoint-10"
     with pytest.raises(CheckpointError, match="not found"):
         resolve_resume(str(tmp_path / "checkpoint-99"), tmp_path)
+
+
+def test_atomic_text_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    from gpg_vl.atomic import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
