@@ -101,11 +101,13 @@ def test_vllm_rollouts_train_the_quickstart_and_the_checkpoints_load(tmp_path):
         folder = out / f"checkpoint-{step}"
         AutoModelForImageTextToText.from_pretrained(folder)  # plain transformers
         load_policy(ModelConfig(name_or_path=str(folder)))  # and the project's own loader
-    # `gpg-vl eval` through vLLM scores the final checkpoint as the trainer's own last evaluation did
-    proc = run_vllm([str(VLLM_BIN / "gpg-vl"), "eval", "--task", "shapes", "--model", str(out / "checkpoint-20"), "--engine", "vllm",
+    # `gpg-vl eval` through vLLM, two models in one process (one engine each), scores the final checkpoint as
+    # the trainer's own last evaluation did
+    proc = run_vllm([str(VLLM_BIN / "gpg-vl"), "eval", "--task", "shapes", "--model", str(out / "checkpoint-10"),
+                     "--model", str(out / "checkpoint-20"), "--engine", "vllm",
                      "--data", "synthetic:200", "--split", "test", "--limit", "40", "--max-new-tokens", "24", "--output", str(tmp_path / "eval")], ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads(next((tmp_path / "eval").rglob("summary.json")).read_text())
+    summary = json.loads(next((tmp_path / "eval").rglob("*checkpoint-20/summary.json")).read_text())
     assert summary["accuracy"] == pytest.approx(lines[-1]["eval/accuracy"]), (summary, lines[-1])  # same 40 images, greedy
 
 

@@ -275,16 +275,16 @@ def keep_process_state():
 def launcher_env(local_rank: int):
     """torchrun's variables, which vLLM's external launcher reads, for the duration of one call.
 
-    Under `accelerate launch` / torchrun they exist and torch.distributed is up, so nothing changes; a single
-    process has none, so they are filled in (only the missing ones) and removed again afterwards.
+    Under `accelerate launch` / torchrun they exist, so nothing changes; a single process has none, so they
+    are filled in (only the missing ones) and removed again afterwards. A group already up without them (the
+    one an earlier engine in this process started: `gpg-vl eval` with several models) gives its rank and size.
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        yield
-        return
+    up = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if up else (0, 1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    wanted = {"RANK": "0", "LOCAL_RANK": str(local_rank), "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    wanted = {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     added = [k for k in wanted if k not in os.environ]
     os.environ.update({k: wanted[k] for k in added})
     try:
