@@ -50,3 +50,23 @@ def test_atomic_text_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "config.yaml").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+def test_resume_state_is_memory_mapped_not_read_whole(tmp_path, monkeypatch):
+    # bug 10 of issue 24: every rank torch.load-ed the whole trainer state (Adam included) into host memory
+    import torch
+
+    from gpg_vl.checkpoint import STATE_FILE, load_trainer_state
+
+    (tmp_path / "config.json").write_text("{}")
+    torch.save({"step": 3, "optimizer": {"state": {0: {"exp_avg": torch.ones(1000)}}}}, tmp_path / STATE_FILE)
+    seen = {}
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        seen.update(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    state = load_trainer_state(tmp_path)
+    assert seen.get("mmap") is True and state["step"] == 3  # pages are read from the file when used
