@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw
 
 from gpg_vl.data import DataError, synthetic_spec
-from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, format_ok, match_choice
-from gpg_vl.task import RewardOutput, Task
+from gpg_vl.parsing import THINK_ANSWER_INSTRUCTION, extract_answer, match_choice
+from gpg_vl.task import Task
 from gpg_vl_tasks._synthetic import BACKGROUND, COLOURS, SHAPES, draw_shape
+from gpg_vl_tasks.shapes import ShapesTask
 
 QUESTION = "Which image shows more shapes?"
 CHOICES = ["the first image", "the second image"]
@@ -71,10 +72,8 @@ class MoreCountTask(Task):
         answer = extract_answer(self.full_completion(completion))
         return answer is not None and match_choice(answer, CHOICES) == "AB".index(example["answer"][1])
 
-    def score(self, completion: str, example: dict) -> RewardOutput:
-        fmt = float(format_ok(self.full_completion(completion)))
-        acc = float(self.answers_right(completion, example))
-        return RewardOutput(total=fmt + acc, components={"format": fmt, "accuracy": acc})
+    # format + accuracy, exactly as the quickstart's task scores its lettered choices
+    score = ShapesTask.score
 
     def metrics(self, examples: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
         """`accuracy` and `format`: the means of the reward's two components."""
