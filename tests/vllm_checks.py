@@ -18,7 +18,7 @@ from gpg_vl.kit import build_builtin
 from gpg_vl.logprobs import compute_token_logprobs
 from gpg_vl.modeling import load_policy
 from gpg_vl.rollout import SamplingParams, make_engine
-from gpg_vl.rollout.vllm import check_prompt_parity
+from gpg_vl.rollout.vllm import build_requests, check_prompt_parity
 
 # sizes and aspect ratios on both sides of the tiny budget (56*56 .. 112*112 px), one prompt with two images
 IMAGE_SIZES = [[(56, 56)], [(200, 40)], [(90, 130)], [(300, 300)], [(33, 77)], [(120, 60), (40, 100)]]
@@ -75,7 +75,7 @@ def main(arch: str, out: str) -> None:
 
     # 1. prompt ids: what vLLM built from each image against what the HF processor builds
     outputs = engine.llm.generate(
-        [dict(r) for r in __import__("gpg_vl.rollout.vllm", fromlist=["build_requests"]).build_requests(processor, prompts, 2)],
+        build_requests(processor, prompts, 2),
         sampling_params=engine._sampling_params(max_tokens=1, temperature=0.0), use_tqdm=False,
     )
     rows = []

