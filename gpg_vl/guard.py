@@ -24,7 +24,7 @@ class NonFiniteError(RuntimeError):
 
 
 def weights_finite(params) -> bool:
-    """True when the float32 sum of squares of every (local shard of a) parameter is finite: one host sync.
+    """True when the float32 norm (root of the sum of squares) of every (local shard of a) parameter is finite: one host sync.
 
     Stricter than isfinite on purpose: weights of 1e30 (optim.lr=1e30) are finite, but their products
     overflow in the next forward, which then dies in sampling; their squares overflow here instead."""
@@ -32,7 +32,8 @@ def weights_finite(params) -> bool:
     for p in params:
         t = p.to_local() if hasattr(p, "to_local") else p  # an FSDP2 DTensor: this rank's shard
         if t.numel():  # ZeRO-3 leaves empty placeholders on every rank
-            sums.append(t.detach().float().square().sum())
+            # the norm overflows exactly when the sum of squares does, without a squared copy of the weights
+            sums.append(torch.linalg.vector_norm(t.detach(), dtype=torch.float32))
     return bool(torch.isfinite(torch.stack(sums)).all()) if sums else True
 
 
