@@ -20,6 +20,13 @@ def _engines() -> list[str]:
     return list(ENGINES)
 
 
+def _decode_modes() -> tuple[str, ...]:
+    """a decode loop of gpg_vl.decode"""
+    from gpg_vl.decode import DECODE_MODES
+
+    return DECODE_MODES
+
+
 def _algorithms() -> list[str]:
     """a registered algorithm"""
     from gpg_vl.registry import available_algorithms
@@ -110,6 +117,11 @@ class RolloutConfig:
     """Longest completion, in tokens."""
     batch_size: int = option(64, ge=1)
     """Sequences generated at once by the engine (a memory knob, not an algorithm one)."""
+    decode: str = option("static", choices=_decode_modes)
+    """hf engine only: the decode loop after each prompt is prefilled once. static: keys/values in one
+    pre-allocated cache of prompt + max_new_tokens slots, one model call per token; compiled: the same step
+    under torch.compile (CUDA graphs on CUDA; compiles once per shape, tens of seconds on a CPU); dynamic:
+    transformers' DynamicCache grown by one column per token (the reference the others are tested against)."""
     vllm_gpu_memory_utilization: float = option(0.3, gt=0, le=1)
     """vLLM only: share of GPU memory the colocated engine may take."""
     vllm_max_images_per_prompt: int = option(1, ge=1)

@@ -116,3 +116,112 @@ def test_no_vocabulary_sized_buffers_are_requested(setup, monkeypatch):
     calls.clear()
     r = HFEngine(model, processor, share_prefix=True).generate(prompts, params)
     assert not calls and r.logprobs.shape == r.completion_ids.shape
+
+
+# --- the decode loops (gpg_vl.decode): static cache and compiled step against the dynamic reference ---------
+
+
+def _sharpened(model):
+    """A copy with larger random weights: greedy texts then differ per prompt and step (see above)."""
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def arch_setup(request, tmp_path_factory, setup):
+    from gpg_vl.tiny import make_tiny
+
+    folder = make_tiny(tmp_path_factory.mktemp(request.param) / "m", arch=request.param, seed=0)
+    cfg = ModelConfig(name_or_path=str(folder), min_pixels=3136, max_pixels=12544)
+    model, processor = load_policy(cfg)
+    return _sharpened(model), processor, setup[3]
+
+
+def test_static_decode_greedy_equals_dynamic_and_generate(arch_setup):
+    # the attention over a pre-allocated cache reduces over all its slots (the unused ones masked), so logits
+    # differ from the dynamic cache's in the last bits (measured <= 3e-7): texts and tokens equal, log-probs close
+    model, processor, prompts = arch_setup
+    greedy = SamplingParams(n=3, temperature=0, max_new_tokens=12)
+    static = HFEngine(model, processor, batch_size=6, decode="static").generate(prompts, greedy)
+    dynamic = HFEngine(model, processor, batch_size=6, decode="dynamic").generate(prompts, greedy)
+    per_row = HFEngine(model, processor, batch_size=6, share_prefix=False).generate(prompts, greedy)
+    assert len(set(static.texts)) == 3
+    for other in (dynamic, per_row):
+        assert static.texts == other.texts and torch.equal(static.completion_ids, other.completion_ids)
+        torch.testing.assert_close(static.logprobs, other.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_static_decode_same_seed_same_samples(arch_setup):
+    # log-probs within 1e-4: the sharpened weights give large logits, whose last-bit differences (see above)
+    # reached 3e-5 in a log-prob on Qwen2.5-VL; the draws themselves are identical
+    model, processor, prompts = arch_setup
+    for temperature, top_k, top_p in ((1.0, 0, 1.0), (0.7, 20, 0.9)):
+        params = SamplingParams(n=4, temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=16, seed=3)
+        static = HFEngine(model, processor, batch_size=8, decode="static").generate(prompts, params)
+        dynamic = HFEngine(model, processor, batch_size=8, decode="dynamic").generate(prompts, params)
+        assert static.texts == dynamic.texts and torch.equal(static.completion_ids, dynamic.completion_ids)
+        assert torch.equal(static.response_mask, dynamic.response_mask)
+        torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-4, rtol=1e-5)
+
+
+def test_static_decode_on_small_20m_and_the_preset_families(tmp_path):
+    # the built-in presets as `gpg-vl` builds them: small-20m's wider layers and the other families' tiny
+    from gpg_vl.kit import build_builtin
+
+    task = get_task("shapes")
+    prompts = [task.messages(e) for e in task.load("synthetic:2", "train")]
+    for preset in ("small-20m", "tiny-qwen2_5_vl", "tiny-qwen3_vl"):
+        cfg = ModelConfig(name_or_path=build_builtin(f"builtin:{preset}"), min_pixels=3136, max_pixels=12544)
+        model, processor = load_policy(cfg)
+        params = SamplingParams(n=3, max_new_tokens=10, seed=7)
+        static = HFEngine(model, processor, decode="static").generate(prompts, params)
+        dynamic = HFEngine(model, processor, decode="dynamic").generate(prompts, params)
+        assert static.texts == dynamic.texts, preset
+        torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_lockstep_rank_keeps_stepping_while_another_runs(setup, monkeypatch):
+    # sharded weights: a rank whose rows all ended keeps calling the model (padding) while any rank runs;
+    # here the "other rank" runs to max_new_tokens, so every row pads after its EOS and nothing else changes
+    import gpg_vl.rollout.hf as hf
+
+    model, processor, _, prompts = setup
+    params = SamplingParams(n=2, max_new_tokens=10, seed=4)
+    for decode in ("dynamic", "static"):
+        alone = HFEngine(model, processor, decode=decode).generate(prompts, params)
+        asked = []
+        monkeypatch.setattr(hf, "needs_lockstep", lambda m: True)
+        monkeypatch.setattr(hf, "any_rank", lambda flag, device: asked.append(flag) or True)
+        locked = HFEngine(model, processor, decode=decode).generate(prompts, params)
+        monkeypatch.undo()
+        assert len(asked) == 10 and locked.completion_ids.shape[1] == 10
+        L = alone.completion_ids.shape[1]
+        assert torch.equal(locked.completion_ids[:, :L], alone.completion_ids)
+        assert (locked.completion_ids[:, L:] == processor.pad_token_id).all()
+        assert torch.equal(locked.response_mask[:, :L], alone.response_mask) and not locked.response_mask[:, L:].any()
+        torch.testing.assert_close(locked.logprobs[:, :L], alone.logprobs, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_static(setup):
+    # torch.compile of the step (default mode on the CPU); sampling stays outside, so the same seed draws the
+    # same tokens; inductor's fused kernels round differently from eager, hence a tolerance on the log-probs
+    model, processor, _, prompts = setup
+    model = _sharpened(model)
+    static = HFEngine(model, processor, batch_size=6, decode="static")
+    compiled = HFEngine(model, processor, batch_size=6, decode="compiled")
+    for params in (SamplingParams(n=3, temperature=0, max_new_tokens=10), SamplingParams(n=3, max_new_tokens=10, seed=2)):
+        a, b = static.generate(prompts, params), compiled.generate(prompts, params)
+        assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_decode_mode_lists_valid_ones(setup):
+    model, processor, _, _ = setup
+    with pytest.raises(ValueError, match="dynamic, static, compiled"):
+        HFEngine(model, processor, decode="graph")

@@ -38,6 +38,7 @@ BAD = [
     ("rollout.max_new_tokens=-8", "rollout.max_new_tokens"),
     ("rollout.group_size=1", "rollout.group_size"),
     ("rollout.engine=sglang", "rollout.engine"),
+    ("rollout.decode=graph", "rollout.decode"),
     ("rollout.vllm_gpu_memory_utilization=1.5", "rollout.vllm_gpu_memory_utilization"),
     ("rollout.vllm_max_images_per_prompt=0", "rollout.vllm_max_images_per_prompt"),
     ("rollout.vllm_parity_every=-1", "rollout.vllm_parity_every"),

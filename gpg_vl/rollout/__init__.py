@@ -9,7 +9,7 @@ from gpg_vl.rollout.base import Rollout, RolloutEngine, SamplingParams, sampling
 def _make_hf(model, processor, rollout_cfg, model_cfg, max_new_tokens=None):
     from gpg_vl.rollout.hf import HFEngine
 
-    return HFEngine(model, processor, rollout_cfg.batch_size)
+    return HFEngine(model, processor, rollout_cfg.batch_size, decode=rollout_cfg.decode)
 
 
 def _make_vllm(model, processor, rollout_cfg, model_cfg, max_new_tokens=None):

@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from gpg_vl.decode import DECODE_MODES, DecodeStep, cache_length, static_cache, static_mask
 from gpg_vl.prefix import continue_forward, prefill
 from gpg_vl.distributed import any_rank, needs_lockstep
 from gpg_vl.rollout.base import Rollout, SamplingParams
@@ -31,12 +32,16 @@ from gpg_vl.rollout.base import Rollout, SamplingParams
 class HFEngine:
     """`RolloutEngine` over the policy's forward, about `batch_size` sequences at a time."""
 
-    def __init__(self, model, processor, batch_size: int = 64, share_prefix: bool = True):
+    def __init__(self, model, processor, batch_size: int = 64, share_prefix: bool = True, decode: str = "static"):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
         self.model = model
         self.processor = processor
         self.batch_size = max(1, batch_size)
         self.suppress_ids = processor.suppressed_token_ids
         self.share_prefix = share_prefix
+        self.decode = decode  # the shared-prefix path's decode loop: dynamic | static | compiled (gpg_vl.decode)
+        self._step: DecodeStep | None = None  # kept across rollouts: a compiled step reuses its graph
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Nothing to do: this engine samples from the very module being trained."""
@@ -87,39 +92,72 @@ class HFEngine:
 
     def _sample_shared(self, batch: list[list[dict]], params: SamplingParams):
         """n completions for each of the B prompts: prefill B rows once, decode B*n rows from the shared cache."""
-        n, model, eos = params.n, self.model, self.processor.eos_token_ids
+        n, model, eos, T = params.n, self.model, self.processor.eos_token_ids, params.max_new_tokens
         device = self._device()
         inputs = self.processor(batch, padding_side="left").to(device)
         prefix = prefill(model, inputs, want_hidden=False)
         prefix.select(torch.arange(len(batch), device=device).repeat_interleave(n))  # [B] -> [B*n], group-contiguous
         processors = self._processors(params)
         lockstep = needs_lockstep(model)
-        ids = inputs["input_ids"].repeat_interleave(n, dim=0)  # [N, P] what processors see as the past
-        mask = prefix.attention_mask
+        N, P = prefix.attention_mask.shape
+        ids = torch.empty(N, P + T, dtype=torch.long, device=device)  # the prompt, then the sampled tokens
+        ids[:, :P] = inputs["input_ids"].repeat_interleave(n, dim=0)
+        logprobs = torch.zeros(N, T, device=device)  # [N, L]
         eos_t = torch.tensor(eos, device=device)
-        unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
+        unfinished = torch.ones(N, dtype=torch.bool, device=device)
         logits = prefix.last_logits.float()  # [N, V]
-        tokens, logprobs = [], []
-        for step in range(params.max_new_tokens):
-            processed = processors(ids, logits)  # [N, V]
+        next_logits = self._dynamic_steps(prefix) if self._decode_mode(lockstep) == "dynamic" else self._static_steps(prefix, T, lockstep)
+        for step in range(T):
+            processed = processors(ids[:, : P + step], logits)  # [N, V]; processors see the past as input_ids
             if params.greedy:
                 token = processed.argmax(-1)
             else:  # exactly as transformers' sampler draws
                 token = torch.multinomial(torch.softmax(processed, dim=-1), num_samples=1).squeeze(1)
             scores = torch.log_softmax(processed, dim=-1)
             token = torch.where(unfinished, token, self.processor.pad_token_id)  # finished rows emit padding
-            tokens.append(token)
-            logprobs.append(scores.gather(-1, token[:, None]).squeeze(-1))
+            ids[:, P + step] = token
+            logprobs[:, step] = scores.gather(-1, token[:, None]).squeeze(-1)
             unfinished &= ~torch.isin(token, eos_t)
             # sharded weights: a rank that is done keeps stepping (padding) until every rank is done
             running = any_rank(bool(unfinished.any()), device) if lockstep else bool(unfinished.any())
-            if not running or step == params.max_new_tokens - 1:
+            if not running or step == T - 1:
                 break
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = continue_forward(model, prefix, token[:, None], mask, step, want_hidden=False).logits[:, -1].float()
-        completion_ids = torch.stack(tokens, dim=1)  # [N, L]
-        return self._finish(completion_ids, torch.stack(logprobs, dim=1))
+            logits = next_logits(token, step)
+        L = step + 1
+        return self._finish(ids[:, P : P + L], logprobs[:, :L])
+
+    def _decode_mode(self, lockstep: bool) -> str:
+        # compiling through sharded-weight hooks (FSDP2, ZeRO-3) is untested: those ranks decode uncompiled
+        return "static" if lockstep and self.decode == "compiled" else self.decode
+
+    def _dynamic_steps(self, prefix):
+        """The reference decode: a DynamicCache and a mask that grow by one column per token."""
+        mask = prefix.attention_mask
+
+        def next_logits(token: torch.Tensor, step: int) -> torch.Tensor:
+            nonlocal mask
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # [N, P+step+1]
+            return continue_forward(self.model, prefix, token[:, None], mask, step, want_hidden=False).logits[:, -1].float()
+
+        return next_logits
+
+    def _static_steps(self, prefix, max_new_tokens: int, lockstep: bool):
+        """Decode over a pre-allocated cache: per token, one step call and no allocation of the model's state."""
+        N, P = prefix.attention_mask.shape
+        slots = cache_length(P, max_new_tokens)
+        cache, mask = static_cache(self.model, prefix, slots), static_mask(prefix, slots)
+        prefix.cache = None  # the dynamic copy is no longer read
+        steps = torch.arange(max_new_tokens, device=mask.device)
+        positions = (prefix.next_position[None, :] + steps[:, None])[:, None, :, None].expand(-1, 3, N, 1)  # [T, 3, N, 1]
+        mode = self._decode_mode(lockstep)
+        if self._step is None or self._step.policy is not getattr(self.model, "module", self.model) or self._step.compiled != (mode == "compiled"):
+            self._step = DecodeStep(self.model, compile=mode == "compiled")
+        step_fn = self._step
+
+        def next_logits(token: torch.Tensor, step: int) -> torch.Tensor:
+            return step_fn(token[:, None], positions[step], mask, cache).float()
+
+        return next_logits
 
     def _generate_chunk(self, batch: list[list[dict]], params: SamplingParams):
         """The reference path: `model.generate` over one row per completion (each prompt copied n times)."""

@@ -1,0 +1,87 @@
+"""The decode loop's model side with nothing allocated per token: the N rows' keys and values sit in one
+pre-allocated transformers `StaticCache` (the prompt written once, after it was prefilled once per prompt),
+the attention mask is built once, and one step function maps (tokens, positions, cache) to the last logits.
+
+Why static: the dynamic cache concatenates every layer's keys and values each token, and a step whose
+shapes never change is what `torch.compile` (and CUDA graphs, `mode="reduce-overhead"`) can capture.
+Traps: the cache length is rounded up to a bucket so that prompts of similar length reuse one compiled
+graph; the slots past the current token are masked by causality (the cache's own length counter, a tensor,
+is the query offset), not by the 2-D mask, which therefore never changes; positions are M-RoPE positions
+passed explicitly (see gpg_vl.prefix), computed outside the compiled step so a step index never becomes a
+graph constant; sampling stays outside too, so the RNG draws exactly what the eager loop draws.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import StaticCache
+
+from gpg_vl.prefix import PromptPrefix, cache_kwarg
+
+DECODE_MODES = ("dynamic", "static", "compiled")
+CACHE_BUCKET = 64  # slots: the static cache's length is a multiple of this
+
+
+def cache_length(prompt_length: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
+    """Slots for a prompt of `prompt_length` tokens and `max_new_tokens` more, rounded up to `bucket`."""
+    return -(-(prompt_length + max_new_tokens) // bucket) * bucket
+
+
+def static_cache(model, prefix: PromptPrefix, max_cache_len: int) -> StaticCache:
+    """A StaticCache of `max_cache_len` slots per row holding `prefix`'s keys/values in slots [0, P).
+
+    `prefix` is already selected to its N rows; its dynamic cache is read once, here.
+    """
+    policy = getattr(model, "module", model)
+    cache = StaticCache(config=policy.config, max_cache_len=max_cache_len)
+    layers = prefix.cache.layers
+    if len(layers) != len(cache.layers):
+        raise RuntimeError(f"prefill cache has {len(layers)} layers, the static cache {len(cache.layers)}")
+    P = prefix.attention_mask.shape[1]
+    for static, dynamic in zip(cache.layers, layers):
+        static.lazy_initialization(dynamic.keys, dynamic.values)  # allocates [N, kv_heads, max_cache_len, head_dim]
+        static.keys[:, :, :P].copy_(dynamic.keys)
+        static.values[:, :, :P].copy_(dynamic.values)
+        static.cumulative_length.fill_(P)  # the next token goes to slot P; also the query offset of the causal mask
+    return cache
+
+
+def static_mask(prefix: PromptPrefix, max_cache_len: int) -> torch.Tensor:
+    """[N, max_cache_len]: the prompt's padding mask, then ones (future slots are hidden by causality)."""
+    N, P = prefix.attention_mask.shape
+    mask = prefix.attention_mask.new_ones(N, max_cache_len)
+    mask[:, :P] = prefix.attention_mask
+    return mask
+
+
+class DecodeStep:
+    """One decode step of `model`: (tokens [N, 1], positions [3, N, 1], mask, cache) -> logits [N, V].
+
+    compile: wrap the step in `torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; the default
+    mode on the CPU). The compiled function is kept, so later rollouts with the same shapes reuse its graph.
+    """
+
+    def __init__(self, model, compile: bool = False):
+        self.policy = getattr(model, "module", model)  # DDP's forward already ran in prefill
+        self.cache_name = cache_kwarg(model)
+        self.compiled = compile
+        self._fn = self._forward
+        if compile:
+            cuda = next(self.policy.parameters()).device.type == "cuda"
+            self._fn = torch.compile(self._forward, mode="reduce-overhead" if cuda else None)
+
+    def _forward(self, tokens, positions, mask, cache):
+        out = self.policy(
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_name: cache},
+        )
+        return out.logits[:, -1]
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        logits = self._fn(tokens, positions, mask, cache)
+        # CUDA graphs reuse their output buffer at the next replay: copy before anything keeps it
+        return logits.clone() if self.compiled else logits
