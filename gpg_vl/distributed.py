@@ -9,16 +9,66 @@ micro-batch synchronises them. Each backend is told so here, in one place:
 - FSDP2 (`train.sharding: fsdp`): parameters sharded with torch's `fully_shard`, which accelerate 1.16 only
   builds on multi-GPU, so the trainer applies it itself.
 DeepSpeed and FSDP2 both run on the CPU too (gloo), which is how `make test` checks them.
+A load that fails on one rank fails on all of them together (`fail_together`), never leaving the others in a
+collective.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+
+@contextlib.contextmanager
+def fail_together():
+    """Run the block on every rank, then agree over all ranks on how it went: when it raised on any rank,
+    every rank raises the same error, the first failing rank's class with its message after `rank R of W: `.
+
+    For the phases where one rank may fail alone between collectives (a model folder missing on one machine,
+    a data file it cannot read): without it the others would wait in their next collective for the process
+    group's timeout (30 minutes). The agreement is itself a collective, so the block must hold none (a rank
+    that raised part-way would skip them), and it waits for the slowest rank to end the block. The failing
+    rank raises the new error `from` its own, so an unexpected one keeps its traceback there."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+    failure = None
+    try:
+        yield
+    except Exception as e:  # KeyboardInterrupt and SystemExit pass: the launcher signals every rank
+        failure = e
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, None if failure is None else _report(failure))
+    for rank, report in enumerate(reports):
+        if report is not None:
+            raise _rebuild(report, f"rank {rank} of {len(reports)}: ") from failure
+
+
+def _report(error: Exception) -> tuple[bytes | None, str, str]:
+    """(the pickled class or None, its name, the message): plain bytes and strings, so the collective itself
+    never fails to unpickle a class another rank cannot import (a task plugin loaded from a file)."""
+    try:
+        kind = pickle.dumps(type(error))
+    except Exception:
+        kind = None
+    return kind, type(error).__name__, str(error)
+
+
+def _rebuild(report: tuple[bytes | None, str, str], prefix: str) -> Exception:
+    """The reported error as the same class with the prefixed message, or a RuntimeError naming the class
+    when the class cannot be rebuilt here (the CLI then prints a traceback, as for any unexpected error)."""
+    kind, name, message = report
+    try:
+        return pickle.loads(kind)(prefix + message)
+    except Exception:
+        return RuntimeError(f"{prefix}{name}: {message}")
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

@@ -198,6 +198,7 @@ def process_place() -> tuple[int, int]:
 
 def run(args) -> int:
     """Evaluate every --model in turn; 0 when all were evaluated, 1 when any failed (the others still are)."""
+    from gpg_vl.distributed import fail_together  # torch: imported when the verb runs, not for `--help`
     from gpg_vl.kit import build_builtin
     from gpg_vl.modeling import ModelLoadError
     from gpg_vl.rollout import sampling_params
@@ -205,14 +206,15 @@ def run(args) -> int:
     model_cfg, rollout_cfg = engine_configs(args)
     check_args(args, model_cfg, rollout_cfg)
     options = dict(parse_override(text) for text in args.task_option)
-    task = make_task(args.task, options)
-    data_path = args.data or task.default_eval_data
-    split = args.split or task.default_eval_split
-    examples = task.load(data_path, split)  # a DataError stops here, before any model is loaded
-    examples = examples if args.limit is None else examples[: args.limit]
-    if not examples:
-        raise DataError(f"no examples to evaluate in {data_path or task.name!r} (split {split!r})")
     rank, world = process_place()
+    with fail_together():  # a task or data error on any rank stops every rank, before any model is loaded
+        task = make_task(args.task, options)
+        data_path = args.data or task.default_eval_data
+        split = args.split or task.default_eval_split
+        examples = task.load(data_path, split)
+        examples = examples if args.limit is None else examples[: args.limit]
+        if not examples:
+            raise DataError(f"no examples to evaluate in {data_path or task.name!r} (split {split!r})")
     controls = tuple(check_controls(args.controls, "--controls"))
     shared = EvalRun(task, examples, example_ids(task, examples), model_cfg, rollout_cfg, args.batch_size, rank, world, controls)
     rc = rollout_cfg
@@ -222,9 +224,13 @@ def run(args) -> int:
     failures: dict[str, str] = {}
     for name, model in zip(unique_model_names(args.model), args.model):
         try:
-            path = build_builtin(model)  # a builtin preset is built on first use; a folder or hub id is as given
-            # the budget each checkpoint was trained with: builtin tiny models 56x56..112x112, Qwen2-VL its own
-            budget = pixel_budget(path, model_cfg.min_pixels, model_cfg.max_pixels)
+            with fail_together():  # a builtin preset is built on first use, once per machine
+                if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                    build_builtin(model)
+            with fail_together():  # a model that does not load on one rank is not evaluated on any
+                path = build_builtin(model)  # built by now; a folder or hub id is as given
+                # the budget each checkpoint was trained with: builtin tiny models 56x56..112x112, Qwen2-VL its own
+                budget = pixel_budget(path, model_cfg.min_pixels, model_cfg.max_pixels)
         except ModelLoadError as e:
             failures[name] = _report_failure(shared, model, name, e)
             continue
@@ -250,45 +256,43 @@ def run(args) -> int:
         atomic_write_text(output / COMPARISON_MD, render_comparison(results, failures, header))
         plot_comparison(output / COMPARISON_PNG, results, f"{args.task} ({data_path}, {split})")
         print(f"\ncomparison: {output / COMPARISON_MD}, {output / COMPARISON_PNG}")
-    if failures and shared.main:
+    if failures:  # on every rank: the ranks agreed on the failures, and each ends with the same line
         print(f"gpg-vl eval: {len(failures)} of {len(args.model)} models not evaluated: {', '.join(failures)}", file=sys.stderr)
     return 1 if failures else 0
 
 
 def _report_failure(shared: EvalRun, model: str, name: str, error: BaseException, tb: bool = False) -> str:
+    """The one line every rank prints; a traceback on the main rank and where the error was first raised
+    (`fail_together` raises its copy on every rank `from` the original there)."""
     message = f"{type(error).__name__}: {error}" if tb else str(error)
-    if shared.main:
-        if tb:
-            traceback.print_exception(error, file=sys.stderr)
-        print(f"gpg-vl eval: model {model!r} ({name}) was not evaluated: {message}", file=sys.stderr)
+    if tb and (shared.main or error.__cause__ is not None):
+        traceback.print_exception(error.__cause__ or error, file=sys.stderr)
+    print(f"gpg-vl eval: model {model!r} ({name}) was not evaluated: {message}", file=sys.stderr)
     return message
 
 
 def evaluate_model(name: str, path: str, folder: Path, shared: EvalRun, settings: dict, sampling: SamplingParams) -> dict:
     """Generate for the examples that folder/records.jsonl lacks, then write the summary over all of them."""
+    from gpg_vl.distributed import fail_together
+
     settings = json.loads(json.dumps(settings, default=str))  # as it reads back, so the resume check compares like with like
     # Only rank 0 touches the files; the others learn what is done (or why not) from it.
-    done = None
-    if shared.main:
-        try:
+    done, control_done = None, None
+    with fail_together():
+        if shared.main:  # each control is one more pass with its own records file, resumed the same way
             done = resumable_records(folder, settings)
-        except ConfigError as e:
-            done = e
-    done = broadcast_from_main(done, shared.world)
-    if isinstance(done, ConfigError):
-        raise done
-    # each control is one more pass with its own records file, resumed the same way
-    control_done = {c: broadcast_from_main(_control_records(folder, c) if shared.main else None, shared.world)
-                    for c in shared.controls}  # fmt: skip
+            control_done = {c: _control_records(folder, c) for c in shared.controls}
+    done, control_done = broadcast_from_main((done, control_done), shared.world)
     passes = [(shared.task, done, folder / RECORDS)] + [
         (ControlledTask(shared.task, c, shared.examples), control_done[c], folder / control_records_name(c)) for c in shared.controls
     ]
     todo = [(task, d, p, [i for i, example_id in enumerate(shared.ids) if example_id not in d]) for task, d, p in passes]
     if any(pending for *_, pending in todo):
-        engine = load_engine(path, settings, shared)  # only now: a finished eval re-summarises without the model
-        if shared.main:
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(folder / RUN_JSON, json.dumps({"settings": settings}, indent=2) + "\n")
+        with fail_together():  # a model that loads on one rank only is evaluated on none
+            engine = load_engine(path, settings, shared)  # only now: a finished eval re-summarises without the model
+            if shared.main:
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(folder / RUN_JSON, json.dumps({"settings": settings}, indent=2) + "\n")
         for task, d, records_path, pending in todo:
             if pending:
                 _generate_records(name, engine, shared, pending, d, records_path, sampling, task)
@@ -297,10 +301,11 @@ def evaluate_model(name: str, path: str, folder: Path, shared: EvalRun, settings
     elif shared.main:
         print(f"{name}: all {len(shared.ids)} examples already in {folder / RECORDS}; recomputing the summary")
     result = None
-    if shared.main:
-        records = [done[i] for i in shared.ids]
-        controls = {c: [control_done[c][i] for i in shared.ids] for c in shared.controls}
-        result = write_summary(name, folder, shared.task, shared.examples, records, settings, controls)
+    with fail_together():
+        if shared.main:
+            records = [done[i] for i in shared.ids]
+            controls = {c: [control_done[c][i] for i in shared.ids] for c in shared.controls}
+            result = write_summary(name, folder, shared.task, shared.examples, records, settings, controls)
     result = broadcast_from_main(result, shared.world)
     if result["examples"] == 0:
         raise DataError(f"no example could be evaluated: all {result['errors']} failed (first: {result['first_error']})")

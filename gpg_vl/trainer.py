@@ -26,7 +26,7 @@ from gpg_vl import algorithms
 from gpg_vl.checkpoint import atomic_write_text, check_output_dir, load_trainer_state, prepare_run_dir
 from gpg_vl.config import Config, ConfigError
 from gpg_vl.distributed import (
-    all_reduce_max, all_reduce_sum, configure_deepspeed, grad_norm_value, is_deepspeed, make_accelerator, micro_batch, needs_lockstep,
+    all_reduce_max, all_reduce_sum, configure_deepspeed, fail_together, grad_norm_value, is_deepspeed, make_accelerator, micro_batch, needs_lockstep,
     prepare_reference, shard_model,
 )
 from gpg_vl.groups import PromptSampler, collect_groups
@@ -81,16 +81,19 @@ def train(cfg: Config) -> dict:
     random.seed(cfg.train.seed)
     out_dir = Path(cfg.train.output_dir)
     # a fresh run refuses an earlier run's folder (or deletes it: train.overwrite); leftovers of crashed saves go
-    check_output_dir(out_dir)  # a path under a file or the root: one line, before the lock tries to create it
-    lock = acquire_run_lock(out_dir) if accelerator.is_main_process else None  # one run per folder (gpg_vl/runlock.py)
-    resume_dir = prepare_run_dir(out_dir, cfg.checkpoint.resume, cfg.train.overwrite, accelerator.is_main_process)
-    accelerator.wait_for_everyone()  # every rank has checked the folder before the main one writes to it
+    # Each phase where one rank may fail alone ends in an agreement: all ranks fail together (fail_together),
+    # and the first one is also the barrier before the main process writes to the folder.
+    with fail_together():
+        check_output_dir(out_dir)  # a path under a file or the root: one line, before the lock tries to create it
+        lock = acquire_run_lock(out_dir) if accelerator.is_main_process else None  # one run per folder (gpg_vl/runlock.py)
+        resume_dir = prepare_run_dir(out_dir, cfg.checkpoint.resume, cfg.train.overwrite, accelerator.is_main_process)
     algo, G = cfg.algorithm, cfg.rollout.group_size
 
     # Task, data, policy (weights in model.dtype; fp32 masters under autocast for `auto`), optimizer, schedule
     task, train_examples, eval_examples = load_data(cfg, accelerator)
-    model, processor, ref_model, state = load_models(cfg, accelerator, resume_dir)
-    task.configure_images(processor.budget)  # e.g. RefCOCO maps boxes back with it
+    with fail_together():
+        model, processor, ref_model, state = load_models(cfg, accelerator, resume_dir)
+        task.configure_images(processor.budget)  # e.g. RefCOCO maps boxes back with it
     if sharded:  # accelerate builds FSDP on multi-GPU only, so the trainer shards the model itself
         shard_model(model, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -112,11 +115,12 @@ def train(cfg: Config) -> dict:
     start_step = restore(accelerator, model, optimizer, scheduler, sampler, state, resume_dir) if resume_dir is not None else 0
 
     resume_line = state.get("metrics") if resume_dir is not None else None  # the checkpoint step's log line
-    logger = RunLogger(cfg, out_dir, accelerator.is_main_process, cfg.train.max_steps, start_step, resume_line)
+    with fail_together():  # the main process alone cuts the logs back and writes; a damaged log stops all ranks
+        logger = RunLogger(cfg, out_dir, accelerator.is_main_process, cfg.train.max_steps, start_step, resume_line)
+        if accelerator.is_main_process:
+            atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))  # the same YAML --print-config shows
     if resume_dir is not None:
         logger.write(f"resumed from {resume_dir} at step {start_step}")
-    if accelerator.is_main_process:
-        atomic_write_text(out_dir / "config.yaml", config_to_yaml(cfg))  # the same YAML --print-config shows
     metrics: dict = {}
     step_times: list[float] = []
     model.train()
@@ -216,16 +220,20 @@ def train(cfg: Config) -> dict:
 
 
 def load_data(cfg: Config, accelerator):
-    """The task and its training and held-out examples (a hub model that cannot be loaded fails first)."""
-    with accelerator.local_main_process_first():  # a builtin preset is built once per machine, not by every rank
-        check_model_source(build_builtin(cfg.model.name_or_path))  # the explicit build step (gpg_vl.kit)
-    task = get_task(cfg.task.name, **cfg.task.options)
-    train_examples = task.load(cfg.task.train_data, cfg.task.train_split)
-    if cfg.train.train_limit:
-        train_examples = train_examples[: cfg.train.train_limit]
-    eval_examples = None
-    if cfg.eval.every or cfg.eval.at_end or cfg.eval.at_start:
-        eval_examples = task.load(cfg.task.eval_data, cfg.task.eval_split)[: cfg.task.eval_limit]
+    """The task and its training and held-out examples (a hub model that cannot be loaded fails first).
+    A failure on any rank ends every rank with the same error (`fail_together`)."""
+    with fail_together():  # a builtin preset is built once per machine, by its local main process, first
+        if accelerator.is_local_main_process:
+            build_builtin(cfg.model.name_or_path)  # the explicit build step (gpg_vl.kit)
+    with fail_together():
+        check_model_source(build_builtin(cfg.model.name_or_path))  # built by now: only resolves the path
+        task = get_task(cfg.task.name, **cfg.task.options)
+        train_examples = task.load(cfg.task.train_data, cfg.task.train_split)
+        if cfg.train.train_limit:
+            train_examples = train_examples[: cfg.train.train_limit]
+        eval_examples = None
+        if cfg.eval.every or cfg.eval.at_end or cfg.eval.at_start:
+            eval_examples = task.load(cfg.task.eval_data, cfg.task.eval_split)[: cfg.task.eval_limit]
     return task, train_examples, eval_examples
 
 
