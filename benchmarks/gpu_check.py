@@ -31,6 +31,8 @@ MODES = {
     "hf_auto_flash": ["model.attn_implementation=flash_attention_2"],  # flash-attn sees bf16 (bugs 6-7)
     "hf_bf16_weights": ["model.dtype=bfloat16", "optim.lr=1e-3"],  # 16-bit weights at a representable lr
     "hf_lora": ["model.lora={r: 16, alpha: 32}"],  # LoRA merge one delta at a time (bug 9)
+    "hf_decode_dynamic": ["rollout.decode=dynamic"],  # the reference decode loop, for s/step against hf_auto (static)
+    "hf_decode_cuda_graphs": ["rollout.decode=compiled"],  # the static decode step under torch.compile "reduce-overhead"
     "hf_grpo_kl": ["algorithm.name=grpo", "algorithm.kl_coef=0.04"],  # the reference in bf16 (bug 6)
     "vllm_auto": ["rollout.engine=vllm"],  # vLLM rollouts, weights pushed after each step
     "vllm_lora": ["rollout.engine=vllm", "model.lora={r: 16, alpha: 32}"],  # merged LoRA weights pushed

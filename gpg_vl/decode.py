@@ -5,8 +5,8 @@ the attention mask is built once, and one step function maps (tokens, positions,
 Why static: the dynamic cache concatenates every layer's keys and values each token, and a step whose
 shapes never change is what `torch.compile` (and CUDA graphs, `mode="reduce-overhead"`) can capture.
 Traps: the cache length is rounded up to a bucket so that prompts of similar length reuse one compiled
-graph; the slots past the current token are masked by causality (the cache's own length counter, a tensor,
-is the query offset), not by the 2-D mask, which therefore never changes; positions are M-RoPE positions
+graph; the slots past the current token are masked twice, by causality (the cache's own length counter, a
+tensor, is the query offset) and by the 2-D mask, which flash-attention alone reads; positions are M-RoPE positions
 passed explicitly (see gpg_vl.prefix), computed outside the compiled step so a step index never becomes a
 graph constant; sampling stays outside too, so the RNG draws exactly what the eager loop draws.
 """
@@ -27,29 +27,42 @@ def cache_length(prompt_length: int, max_new_tokens: int, bucket: int = CACHE_BU
     return -(-(prompt_length + max_new_tokens) // bucket) * bucket
 
 
-def static_cache(model, prefix: PromptPrefix, max_cache_len: int) -> StaticCache:
+def static_cache(model, prefix: PromptPrefix, max_cache_len: int, reuse: StaticCache | None = None) -> StaticCache:
     """A StaticCache of `max_cache_len` slots per row holding `prefix`'s keys/values in slots [0, P).
 
-    `prefix` is already selected to its N rows; its dynamic cache is read once, here.
+    `prefix` is already selected to its N rows; its dynamic cache is read once, here. `reuse`: a cache of
+    the same shape to refill instead of allocating one (CUDA graphs replay on fixed addresses); its slots
+    from P on keep old values, which causality masks until this decode writes them.
     """
-    policy = getattr(model, "module", model)
-    cache = StaticCache(config=policy.config, max_cache_len=max_cache_len)
     layers = prefix.cache.layers
-    if len(layers) != len(cache.layers):
-        raise RuntimeError(f"prefill cache has {len(layers)} layers, the static cache {len(cache.layers)}")
+    first = layers[0].keys
+    if not _fits(reuse, first, max_cache_len):
+        reuse = StaticCache(config=getattr(model, "module", model).config, max_cache_len=max_cache_len)
+    if len(layers) != len(reuse.layers):
+        raise RuntimeError(f"prefill cache has {len(layers)} layers, the static cache {len(reuse.layers)}")
     P = prefix.attention_mask.shape[1]
-    for static, dynamic in zip(cache.layers, layers):
-        static.lazy_initialization(dynamic.keys, dynamic.values)  # allocates [N, kv_heads, max_cache_len, head_dim]
+    for static, dynamic in zip(reuse.layers, layers):
+        if not static.is_initialized:
+            static.lazy_initialization(dynamic.keys, dynamic.values)  # [N, kv_heads, max_cache_len, head_dim]
         static.keys[:, :, :P].copy_(dynamic.keys)
         static.values[:, :, :P].copy_(dynamic.values)
         static.cumulative_length.fill_(P)  # the next token goes to slot P; also the query offset of the causal mask
-    return cache
+    return reuse
+
+
+def _fits(cache: StaticCache | None, keys: torch.Tensor, max_cache_len: int) -> bool:
+    if cache is None or not cache.layers[0].is_initialized:
+        return False
+    held = cache.layers[0].keys
+    return held.shape[0] == keys.shape[0] and held.shape[2] == max_cache_len and held.dtype == keys.dtype and held.device == keys.device
 
 
 def static_mask(prefix: PromptPrefix, max_cache_len: int) -> torch.Tensor:
-    """[N, max_cache_len]: the prompt's padding mask, then ones (future slots are hidden by causality)."""
+    """[N, max_cache_len]: the prompt's padding mask, then zeros; the decode loop sets slot P+t to 1 before
+    token t goes in. sdpa and eager attention hide unwritten slots by causality anyway; flash-attention
+    reads only this 2-D mask, so without the zeros it would attend to them."""
     N, P = prefix.attention_mask.shape
-    mask = prefix.attention_mask.new_ones(N, max_cache_len)
+    mask = prefix.attention_mask.new_zeros(N, max_cache_len)
     mask[:, :P] = prefix.attention_mask
     return mask
 

@@ -225,3 +225,18 @@ def test_unknown_decode_mode_lists_valid_ones(setup):
     model, processor, _, _ = setup
     with pytest.raises(ValueError, match="dynamic, static, compiled"):
         HFEngine(model, processor, decode="graph")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_equals_static(setup):
+    # on CUDA `compiled` is torch.compile(mode="reduce-overhead"): the step replays CUDA graphs on the cache it
+    # keeps between rollouts of one shape; the second rollout of each pair replays on the refilled cache
+    _, processor, _, prompts = setup
+    model = _sharpened(setup[0]).cuda()
+    static = HFEngine(model, processor, batch_size=6, decode="static")
+    compiled = HFEngine(model, processor, batch_size=6, decode="compiled")
+    for params in (SamplingParams(n=3, temperature=0, max_new_tokens=10), SamplingParams(n=3, max_new_tokens=10, seed=2)) * 2:
+        a, b = static.generate(prompts, params), compiled.generate(prompts, params)
+        assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-4)

@@ -42,6 +42,7 @@ class HFEngine:
         self.share_prefix = share_prefix
         self.decode = decode  # the shared-prefix path's decode loop: dynamic | static | compiled (gpg_vl.decode)
         self._step: DecodeStep | None = None  # kept across rollouts: a compiled step reuses its graph
+        self._cache = None  # the compiled step's StaticCache, refilled by the next rollout of the same shape
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Nothing to do: this engine samples from the very module being trained."""
@@ -144,17 +145,21 @@ class HFEngine:
     def _static_steps(self, prefix, max_new_tokens: int, lockstep: bool):
         """Decode over a pre-allocated cache: per token, one step call and no allocation of the model's state."""
         N, P = prefix.attention_mask.shape
+        mode = self._decode_mode(lockstep)
         slots = cache_length(P, max_new_tokens)
-        cache, mask = static_cache(self.model, prefix, slots), static_mask(prefix, slots)
+        # a compiled step keeps its cache between rollouts of one shape (CUDA graphs replay on fixed addresses)
+        cache = static_cache(self.model, prefix, slots, reuse=self._cache if mode == "compiled" else None)
+        self._cache = cache if mode == "compiled" else None
+        mask = static_mask(prefix, slots)
         prefix.cache = None  # the dynamic copy is no longer read
         steps = torch.arange(max_new_tokens, device=mask.device)
         positions = (prefix.next_position[None, :] + steps[:, None])[:, None, :, None].expand(-1, 3, N, 1)  # [T, 3, N, 1]
-        mode = self._decode_mode(lockstep)
         if self._step is None or self._step.policy is not getattr(self.model, "module", self.model) or self._step.compiled != (mode == "compiled"):
             self._step = DecodeStep(self.model, compile=mode == "compiled")
         step_fn = self._step
 
         def next_logits(token: torch.Tensor, step: int) -> torch.Tensor:
+            mask[:, P + step] = 1  # the slot this token is written to
             return step_fn(token[:, None], positions[step], mask, cache).float()
 
         return next_logits
