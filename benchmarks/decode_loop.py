@@ -8,7 +8,7 @@ Each call samples with the same seed on every engine, and the script reports whe
 largest log-prob difference. B prompts with one image each, G completions, T=1 with top-k off, fp32:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decode_loop.py --presets tiny small-20m --prompts 4 \
-        --group-size 8 --max-new-tokens 48 --calls 7
+        --group-size 8 --max-new-tokens 48 --calls 9
 """
 
 from __future__ import annotations
