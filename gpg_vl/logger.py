@@ -1,7 +1,9 @@
 """Where a run's numbers go: metrics.jsonl (always), TensorBoard (default), W&B (opt-in), a tqdm bar,
 and samples.jsonl with the prompt image saved beside it. Only the main process writes.
 
-On resume every log is cut back to the checkpoint's step, so a crashed run's extra steps never appear twice.
+On resume every log we write is cut back to the checkpoint's step, so a crashed run's extra steps never
+appear twice; W&B reopens the same run (its id is kept in the run folder) and is not cut back
+(docs/reliability.md says what it shows).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from gpg_vl.atomic import atomic_write_text
+
 SAMPLE_IMAGE = re.compile(r"step-(\d+)-\d+(?:-\d+)?\.png")  # the names `samples()` gives images
+WANDB_RUN_ID = "wandb/gpg-vl-run-id"  # in the run folder: the W&B run a resume reopens
 
 
 class RunLogger:
@@ -32,9 +37,7 @@ class RunLogger:
             # purge_step hides the events a crashed run wrote after the checkpoint from TensorBoard's readers
             self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=initial_step + 1 if initial_step else None)
         if cfg.logging.wandb:
-            import wandb  # optional dependency: pip install gpg-vl[wandb]
-
-            self.wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(self.dir), config=cfg.to_dict())
+            self.wandb = open_wandb_run(cfg, self.dir, resuming=bool(initial_step))
         if cfg.logging.progress_bar:
             self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", dynamic_ncols=True)
 
@@ -100,6 +103,24 @@ class RunLogger:
                 closer.close()
         if self.wandb:
             self.wandb.finish()
+
+
+def open_wandb_run(cfg, folder: Path, resuming: bool):
+    """The run folder's W&B run: a fresh run starts one and keeps its id in WANDB_RUN_ID; a resume reopens
+    that run (`resume="allow"`), so it logs steps S+1 on under the same id.
+
+    Not rewound: W&B's rewind (`resume_from="<id>?_step=S"`) needs the server and is a private preview, so
+    steps the crashed run logged after S stay in W&B (docs/reliability.md: which values it shows)."""
+    import wandb  # optional dependency: pip install gpg-vl[wandb]
+
+    id_file = folder / WANDB_RUN_ID
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
+    run = wandb.init(project=cfg.logging.wandb_project, dir=str(folder), config=cfg.to_dict(), id=run_id,
+                     resume="allow" if run_id else None)  # fmt: skip
+    if run_id is None:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(id_file, run.id + "\n")
+    return run
 
 
 def trim_jsonl(path: Path, step: int, last_line: dict | None = None) -> None:
