@@ -52,6 +52,7 @@ def logged(out):
     return runs
 
 
+@pytest.mark.slow
 def test_resume_reopens_the_same_wandb_run_and_logs_from_the_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
