@@ -35,6 +35,23 @@ def test_every_prompt_shows_two_images_with_different_counts():
     assert text.startswith("Which image shows more shapes?\n(A) the first image\n(B) the second image\n")
 
 
+def test_colour_question_shows_red_in_exactly_one_image_and_the_answer_names_it():
+    from gpg_vl_tasks._synthetic import COLOURS
+
+    task = get_task(TASK, question="colour")
+    examples = task.load("synthetic:40", "test")
+    for example in examples:
+        images = message_images(task.messages(example))
+        has_red = [any(colour == COLOURS["red"] for _, colour in im.getcolors()) for im in images]
+        assert len(images) == 2 and has_red.count(True) == 1  # read from the pixels, not from the example's fields
+        assert example["answer"] == ("(A)" if has_red[0] else "(B)")
+    answers = [e["answer"] for e in examples]
+    assert 0.3 < answers.count("(A)") / len(answers) < 0.7
+    assert task.messages(examples[0])[0]["content"][2]["text"].startswith("Which image shows a red shape?\n(A) the first")
+    with pytest.raises(ValueError, match="question must be one of count, colour"):
+        get_task(TASK, question="size")
+
+
 def test_scores_right_wrong_malformed_and_empty():
     task = get_task(TASK)
     example = next(e for e in task.load("synthetic:10", "test") if e["answer"] == "(B)")
