@@ -84,12 +84,7 @@ def test_shared_prefix_greedy_texts_equal_generate(setup):
     model, processor, _, prompts = setup
     # the random tiny model greedily repeats one token; larger weights make texts differ per prompt and step,
     # so a wrong position or a wrong cache row changes them
-    model = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model = _sharpened(model)
     greedy = SamplingParams(n=3, temperature=0, max_new_tokens=12)
     shared = HFEngine(model, processor, batch_size=4, share_prefix=True).generate(prompts, greedy)
     per_row = HFEngine(model, processor, batch_size=4, share_prefix=False).generate(prompts, greedy)
@@ -122,7 +117,7 @@ def test_no_vocabulary_sized_buffers_are_requested(setup, monkeypatch):
 
 
 def _sharpened(model):
-    """A copy with larger random weights: greedy texts then differ per prompt and step (see above)."""
+    """A copy with larger random weights: greedy texts then differ per prompt and step."""
     model = copy.deepcopy(model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
