@@ -109,7 +109,8 @@ class HFEngine:
         eos_t = torch.tensor(eos, device=device)
         unfinished = torch.ones(N, dtype=torch.bool, device=device)
         logits = prefix.last_logits.float()  # [N, V]
-        next_logits = self._dynamic_steps(prefix) if self._decode_mode(lockstep) == "dynamic" else self._static_steps(prefix, T, lockstep)
+        mode = self._decode_mode(lockstep)
+        next_logits = self._dynamic_steps(prefix) if mode == "dynamic" else self._static_steps(prefix, T, mode)
         for step in range(T):
             processed = processors(ids[:, : P + step], logits)  # [N, V]; processors see the past as input_ids
             if params.greedy:
@@ -144,10 +145,10 @@ class HFEngine:
 
         return next_logits
 
-    def _static_steps(self, prefix, max_new_tokens: int, lockstep: bool):
-        """Decode over a pre-allocated cache: per token, one step call and no allocation of the model's state."""
+    def _static_steps(self, prefix, max_new_tokens: int, mode: str):
+        """Decode over a pre-allocated cache (`mode` static or compiled): per token, one step call and no
+        allocation of the model's state."""
         N, P = prefix.attention_mask.shape
-        mode = self._decode_mode(lockstep)
         slots = cache_length(P, max_new_tokens)
         # a compiled step keeps its cache between rollouts of one shape (CUDA graphs replay on fixed addresses)
         cache = static_cache(self.model, prefix, slots, reuse=self._cache if mode == "compiled" else None)
