@@ -20,8 +20,15 @@ import os
 import pickle
 
 import torch
+import torch.distributed.nn  # noqa: F401 (imported before any process group exists: see below)
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+# Why `torch.distributed.nn` is imported here, ahead of every process group: its functional module binds
+# `group.WORLD` as a default argument when first imported, and transformers' model modules import it (through
+# torch's FSDP). Imported after the group is initialised, those defaults hold the gloo group past
+# `destroy_process_group`, its worker threads outlive the interpreter, and a rank that finished can die with
+# SIGABRT at exit (gpg_vl.cli.end_process_group). Imported before, the defaults are None: the default group.
 
 
 @contextlib.contextmanager
