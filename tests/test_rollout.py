@@ -164,6 +164,38 @@ def test_static_decode_same_seed_same_samples(arch_setup):
         torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-4, rtol=1e-5)
 
 
+def test_packed_linears_pack_every_decoder_linear_and_give_their_forward_back(arch_setup, monkeypatch):
+    import gpg_vl.decode as decode
+
+    model, _, _ = arch_setup
+    monkeypatch.setattr(decode, "PACK_MIN_WEIGHTS", 0)  # tiny's layers are below the size that pays
+    linears = [m for m in model.get_decoder().modules() if type(m) is torch.nn.Linear]
+    x = torch.randn(6, 1, linears[0].in_features)
+    with pytest.raises(RuntimeError, match="inside"):  # an error in the block still gives the forwards back
+        with decode.packed_linears(model, 6) as packed:
+            assert packed == len(linears) > 0 and all("forward" in m.__dict__ for m in linears)
+            torch.testing.assert_close(linears[0](x), torch.nn.functional.linear(x, linears[0].weight, linears[0].bias))
+            raise RuntimeError("inside")
+    assert not any("forward" in m.__dict__ for m in linears)
+
+
+def test_static_decode_with_every_linear_packed_equals_dynamic(arch_setup, monkeypatch):
+    # the packed product sums in another order than the plain GEMM: texts and draws equal, log-probs close
+    import gpg_vl.decode as decode
+
+    model, processor, prompts = arch_setup
+    monkeypatch.setattr(decode, "PACK_MIN_WEIGHTS", 0)
+    calls = []
+    plain = decode._packed_linear
+    monkeypatch.setattr(decode, "_packed_linear", lambda *a: calls.append(1) or plain(*a))
+    for params in (SamplingParams(n=3, temperature=0, max_new_tokens=12), SamplingParams(n=4, max_new_tokens=16, seed=3)):
+        static = HFEngine(model, processor, batch_size=8, decode="static").generate(prompts, params)
+        dynamic = HFEngine(model, processor, batch_size=8, decode="dynamic").generate(prompts, params)
+        assert static.texts == dynamic.texts and torch.equal(static.completion_ids, dynamic.completion_ids)
+        torch.testing.assert_close(static.logprobs, dynamic.logprobs, atol=1e-4, rtol=1e-5)
+    assert calls, "the static loop did not decode through packed weights"
+
+
 def test_static_decode_on_small_20m_and_the_preset_families(tmp_path):
     # the built-in presets as `gpg-vl` builds them: small-20m's wider layers and the other families' tiny
     from gpg_vl.kit import build_builtin

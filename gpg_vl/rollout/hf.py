@@ -16,6 +16,8 @@ generation_config may add more) unless told otherwise, so the processors are bui
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import (
@@ -25,7 +27,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from gpg_vl.decode import DECODE_MODES, DecodeStep, cache_length, static_cache, static_mask
+from gpg_vl.decode import DECODE_MODES, DecodeStep, cache_length, can_pack_linears, packed_linears, static_cache, static_mask
 from gpg_vl.prefix import continue_forward, prefill
 from gpg_vl.distributed import any_rank, needs_lockstep
 from gpg_vl.rollout.base import Rollout, SamplingParams
@@ -111,22 +113,26 @@ class HFEngine:
         logits = prefix.last_logits.float()  # [N, V]
         mode = self._decode_mode(lockstep)
         next_logits = self._dynamic_steps(prefix) if mode == "dynamic" else self._static_steps(prefix, T, mode)
-        for step in range(T):
-            processed = processors(ids[:, : P + step], logits)  # [N, V]; processors see the past as input_ids
-            if params.greedy:
-                token = processed.argmax(-1)
-            else:  # exactly as transformers' sampler draws
-                token = torch.multinomial(torch.softmax(processed, dim=-1), num_samples=1).squeeze(1)
-            scores = torch.log_softmax(processed, dim=-1)
-            token = torch.where(unfinished, token, self.processor.pad_token_id)  # finished rows emit padding
-            ids[:, P + step] = token
-            logprobs[:, step] = scores.gather(-1, token[:, None]).squeeze(-1)
-            unfinished &= ~torch.isin(token, eos_t)
-            # sharded weights: a rank that is done keeps stepping (padding) until every rank is done
-            running = any_rank(bool(unfinished.any()), device) if lockstep else bool(unfinished.any())
-            if not running or step == T - 1:
-                break
-            logits = next_logits(token, step)
+        # the decode GEMMs multiply with weights packed once per rollout (gpg_vl.decode.packed_linears); not with
+        # sharded weights, which are gathered per call, nor in the reference (dynamic) and compiled loops
+        packing = mode == "static" and not lockstep and can_pack_linears(model)
+        with packed_linears(model, N) if packing else contextlib.nullcontext():
+            for step in range(T):
+                processed = processors(ids[:, : P + step], logits)  # [N, V]; processors see the past as input_ids
+                if params.greedy:
+                    token = processed.argmax(-1)
+                else:  # exactly as transformers' sampler draws
+                    token = torch.multinomial(torch.softmax(processed, dim=-1), num_samples=1).squeeze(1)
+                scores = torch.log_softmax(processed, dim=-1)
+                token = torch.where(unfinished, token, self.processor.pad_token_id)  # finished rows emit padding
+                ids[:, P + step] = token
+                logprobs[:, step] = scores.gather(-1, token[:, None]).squeeze(-1)
+                unfinished &= ~torch.isin(token, eos_t)
+                # sharded weights: a rank that is done keeps stepping (padding) until every rank is done
+                running = any_rank(bool(unfinished.any()), device) if lockstep else bool(unfinished.any())
+                if not running or step == T - 1:
+                    break
+                logits = next_logits(token, step)
         L = step + 1
         return self._finish(ids[:, P : P + L], logprobs[:, :L])
 
