@@ -148,6 +148,7 @@ def roofline(rows: list[dict], limits: dict) -> list[dict]:
         compute, memory = r["flops"] / peak, r["bytes"] / bw
         r["bound"] = "compute" if compute >= memory else "memory"
         r["limit_seconds"] = max(compute, memory)
+        r["compute_seconds"], r["memory_seconds"] = compute, memory
         r["fraction"] = r["limit_seconds"] / r["seconds"]
         r["gflops"] = r["flops"] / r["seconds"] / 1e9
         r["gb_per_s"] = r["bytes"] / r["seconds"] / 1e9
@@ -180,7 +181,8 @@ def main() -> None:
               f"copy {limits['copy_gb_per_s']:.1f} GB/s, {torch.get_num_threads()} threads")
         for r in rows:
             print(f"  {r['stage']:17s} {r['seconds']:8.3f} s  {r['gflops']:7.1f} GFLOPS  {r['gb_per_s']:6.1f} GB/s  "
-                  f"{r['bound']:7s}-bound limit {r['limit_seconds']:.3f} s  = {100 * r['fraction']:5.1f}% of the limit")
+                  f"{r['bound']:7s}-bound limit {r['limit_seconds']:.3f} s  = {100 * r['fraction']:5.1f}% of the limit  "
+                  f"({r['seconds'] / r['memory_seconds']:.1f}x the memory-traffic limit {r['memory_seconds']:.3f} s)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": str(date.today()), "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(a)}

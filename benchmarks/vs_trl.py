@@ -63,7 +63,7 @@ def run_ours(a, out: Path) -> dict:
         f"train.prompts_per_step={a.prompts}", f"rollout.group_size={a.group_size}",
         f"rollout.max_new_tokens={a.max_new_tokens}", "rollout.temperature=1.0", "rollout.top_k=0", "rollout.top_p=1.0",
         f"optim.micro_batch_size={a.prompts * a.group_size}", "optim.max_grad_norm=0", f"optim.lr={a.lr}",
-        f"train.max_steps={a.warmup + a.steps}", f"train.output_dir={out}", "train.seed=0",
+        f"train.max_steps={a.warmup + a.steps}", f"train.output_dir={out}", "train.overwrite=true", "train.seed=0",  # a rerun replaces its own scratch run
         "eval.at_end=false", "eval.every=0", "logging.progress_bar=false", "logging.tensorboard=false",
         "logging.sample_every=0", "checkpoint.save_every=0", *a.ours_extra,
     ]

@@ -196,6 +196,28 @@ def test_static_decode_with_every_linear_packed_equals_dynamic(arch_setup, monke
     assert calls, "the static loop did not decode through packed weights"
 
 
+def test_static_decode_falls_back_to_dynamic_where_transformers_would_copy_the_cache(setup, monkeypatch):
+    # transformers before 5.23 has no pack_gqa: its sdpa copies every slot of the static cache per step for
+    # grouped-query attention (tiny: 4 heads, 2 KV heads); the engine then decodes dynamically, and says so once
+    import transformers
+    from packaging.version import Version
+
+    import gpg_vl.decode as decode
+
+    model, processor, _, prompts = setup
+    greedy = SamplingParams(n=2, temperature=0, max_new_tokens=6)
+    assert decode.sdpa_packs_gqa() == (Version(transformers.__version__) >= Version("5.23"))
+    if decode.sdpa_packs_gqa():
+        assert HFEngine(model, processor, decode="static")._decode_mode(lockstep=False) == "static"
+    monkeypatch.setattr(decode, "sdpa_packs_gqa", lambda: False)  # as transformers 5.19 (vLLM's environment)
+    engine = HFEngine(model, processor, decode="static")
+    with pytest.warns(UserWarning, match="decoding with rollout.decode=dynamic"):
+        fallback = engine.generate(prompts, greedy)
+    assert engine._decode_mode(lockstep=False) == "dynamic"
+    dynamic = HFEngine(model, processor, decode="dynamic").generate(prompts, greedy)
+    assert fallback.texts == dynamic.texts and torch.equal(fallback.logprobs, dynamic.logprobs)
+
+
 def test_static_decode_on_small_20m_and_the_preset_families(tmp_path):
     # the built-in presets as `gpg-vl` builds them: small-20m's wider layers and the other families' tiny
     from gpg_vl.kit import build_builtin
