@@ -215,7 +215,8 @@ def test_static_decode_falls_back_to_dynamic_where_transformers_would_copy_the_c
         fallback = engine.generate(prompts, greedy)
     assert engine._decode_mode(lockstep=False) == "dynamic"
     dynamic = HFEngine(model, processor, decode="dynamic").generate(prompts, greedy)
-    assert fallback.texts == dynamic.texts and torch.equal(fallback.logprobs, dynamic.logprobs)
+    assert fallback.texts == dynamic.texts
+    torch.testing.assert_close(fallback.logprobs, dynamic.logprobs, atol=1e-5, rtol=1e-5)  # tiny packs no weight
 
 
 def test_static_decode_on_small_20m_and_the_preset_families(tmp_path):

@@ -115,9 +115,10 @@ class HFEngine:
         logits = prefix.last_logits.float()  # [N, V]
         mode = self._decode_mode(lockstep)
         next_logits = self._dynamic_steps(prefix) if mode == "dynamic" else self._static_steps(prefix, T, mode)
-        # the decode GEMMs multiply with weights packed once per rollout (gpg_vl.decode.packed_linears); not with
-        # sharded weights, which are gathered per call, nor in the reference (dynamic) and compiled loops
-        packing = mode == "static" and not lockstep and can_pack_linears(model)
+        # the decode GEMMs multiply with weights packed once per rollout (gpg_vl.decode.packed_linears) when
+        # static was asked for (also where it falls back to the dynamic cache); not with sharded weights, which
+        # are gathered per call, nor in the reference (dynamic) and compiled loops
+        packing = self.decode == "static" and not lockstep and can_pack_linears(model)
         with packed_linears(model, N) if packing else contextlib.nullcontext():
             for step in range(T):
                 processed = processors(ids[:, : P + step], logits)  # [N, V]; processors see the past as input_ids
