@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 VERBS = {
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpg_vl.modeling import ModelLoadError
     from gpg_vl.rollout.base import PromptParityError
 
+    caller_group = _group_open()  # a group the caller opened before this call is the caller's to end
     try:
         code = int(_module(module).run(args) or 0)
     except (CheckpointError, ConfigError, DataError, MathVerifyUnavailable, ModelLoadError, PromptParityError, FileNotFoundError) as e:
@@ -109,20 +111,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    end_process_group()
+    if not caller_group:
+        end_process_group()
     return code
 
 
+def _group_open() -> bool:
+    dist = sys.modules.get("torch.distributed")  # a process that never imported torch opened no group
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
 def end_process_group() -> None:
-    """Destroy the process group a multi-process verb opened, before the interpreter exits. Without it gloo's
-    worker threads outlive Python's finalisation and a rank may die with `terminate called without an active
-    exception` (SIGABRT) after a run that succeeded: 12 of 20 two-rank gloo runs here (pytorch#190489).
-    Called after success and after the errors the CLI reports (the loop raises those on every rank together:
-    `fail_together`, the non-finite guard), never on an interrupt or an unexpected error, where another rank
-    may still sit in a collective."""
-    dist = sys.modules.get("torch.distributed")  # a verb that never imported torch opened no group
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the process group of a multi-process launch (torchrun / `accelerate launch`: WORLD_SIZE > 1)
+    before the interpreter exits. Without it gloo's worker threads outlive Python's finalisation and a rank
+    may die with `terminate called without an active exception` (SIGABRT) after a run that succeeded: 12 of
+    20 two-rank gloo runs here (pytorch#190489). `main` calls it after success and after the errors it
+    reports (the loop raises those on every rank together: `fail_together`, the non-finite guard), never on
+    an interrupt or an unexpected error, where another rank may still sit in a collective, nor when the
+    caller had opened the group. A one-process run's group is left alone: vLLM's in-process engine opens
+    one and destroys it itself when it shuts down (after `main`, from a finaliser)."""
+    if _group_open() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.modules["torch.distributed"].destroy_process_group()
 
 
 if __name__ == "__main__":

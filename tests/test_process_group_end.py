@@ -18,7 +18,9 @@ from gpg_vl.config import ConfigError
 
 @pytest.fixture
 def opens_a_group(monkeypatch, tmp_path):
-    """`gpg-vl train` replaced by a run that opens a one-rank gloo group, then returns or raises `outcome`."""
+    """`gpg-vl train` replaced by a run that opens a gloo group, then returns or raises `outcome`; launched as
+    one of two ranks would be (WORLD_SIZE=2; the group itself has one rank, so it needs no second process)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
     def install(outcome):
         def run(args):
             dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
@@ -43,6 +45,22 @@ def test_the_group_is_destroyed_after_an_error_the_cli_reports(opens_a_group):
     assert not dist.is_initialized()
 
 
+def test_a_one_process_run_leaves_its_group_to_whoever_opened_it(opens_a_group, monkeypatch):
+    """vLLM's in-process engine opens a one-rank group and destroys it in its own shutdown, after `main`."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    opens_a_group(0)
+    assert cli.main(["train"]) == 0
+    assert dist.is_initialized()
+
+
+def test_a_group_the_caller_opened_is_the_callers_to_end(opens_a_group, monkeypatch, tmp_path):
+    """A script that opened the group and then calls `main` (as tests/test_generation.py does) goes on using it."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'caller-store'}", rank=0, world_size=1)
+    monkeypatch.setattr(trainer, "run", lambda args: 0)  # the group is already open
+    assert cli.main(["train"]) == 0
+    assert dist.is_initialized()
+
+
 def test_an_unexpected_error_leaves_the_group_alone(opens_a_group):
     """Another rank may still sit in a collective: destroying could hang it, so the error just propagates."""
     opens_a_group(RuntimeError("boom"))
@@ -61,6 +79,7 @@ def threads():
     return len(os.listdir("/proc/self/task"))
 
 before = threads()
+os.environ["WORLD_SIZE"] = "2"  # as under torchrun; the group itself has one rank
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 dist.all_gather_object([None], 0)
 import transformers.models.qwen2_vl.modeling_qwen2_vl  # imports torch's FSDP, as loading a model does
