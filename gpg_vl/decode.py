@@ -142,8 +142,9 @@ def packed_linears(model, rows: int):
     the CPU spends more time on its weight layout than on arithmetic (measured on the project machine: the 33
     weight products of a `small-20m` step, cold in cache, 12.6 ms plain and 7.7 ms packed).
 
-    Only plain `nn.Linear` layers of float32 CPU weights of at least PACK_MIN_WEIGHTS elements are packed (a
-    LoRA or quantized layer keeps its own forward). The packed copies, as large as those weights, live until
+    Only plain `nn.Linear` layers of float32 CPU weights of at least PACK_MIN_WEIGHTS elements are packed: a
+    LoRA layer keeps its own forward and adds its adapters around its plain base layer, which is packed; a
+    quantized layer is left alone. The packed copies, as large as those weights, live until
     the block ends; then the layers get their own forward back. No gradient flows through the packed product:
     for decoding under `torch.no_grad`."""
     policy = getattr(model, "module", model)
