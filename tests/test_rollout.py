@@ -213,7 +213,7 @@ def test_static_decode_falls_back_to_dynamic_where_transformers_would_copy_the_c
     engine = HFEngine(model, processor, decode="static")
     with pytest.warns(UserWarning, match="decoding with rollout.decode=dynamic"):
         fallback = engine.generate(prompts, greedy)
-    assert engine._decode_mode(lockstep=False) == "dynamic"
+        assert engine._decode_mode(lockstep=False) == "dynamic"
     dynamic = HFEngine(model, processor, decode="dynamic").generate(prompts, greedy)
     assert fallback.texts == dynamic.texts
     torch.testing.assert_close(fallback.logprobs, dynamic.logprobs, atol=1e-5, rtol=1e-5)  # tiny packs no weight

@@ -28,7 +28,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from gpg_vl.decode import DECODE_MODES, DecodeStep, cache_length, can_pack_linears, packed_linears, static_cache, static_expands_the_cache, static_mask
+from gpg_vl.decode import (
+    DECODE_MODES, DecodeStep, cache_length, can_pack_linears, packed_linears, static_cache, static_expands_the_cache, static_mask,
+)
 from gpg_vl.prefix import continue_forward, prefill
 from gpg_vl.distributed import any_rank, needs_lockstep
 from gpg_vl.rollout.base import Rollout, SamplingParams
@@ -48,7 +50,6 @@ class HFEngine:
         self.decode = decode  # the shared-prefix path's decode loop: dynamic | static | compiled (gpg_vl.decode)
         self._step: DecodeStep | None = None  # kept across rollouts: a compiled step reuses its graph
         self._cache = None  # the compiled step's StaticCache, refilled by the next rollout of the same shape
-        self._warned = False  # the static loop's fallback (gpg_vl.decode.static_expands_the_cache) is said once
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Nothing to do: this engine samples from the very module being trained."""
@@ -143,14 +144,12 @@ class HFEngine:
         # compiling through sharded-weight hooks (FSDP2, ZeRO-3) is untested: those ranks decode uncompiled
         mode = "static" if lockstep and self.decode == "compiled" else self.decode
         if mode == "static" and static_expands_the_cache(self.model):
-            if not self._warned:
-                warnings.warn(
-                    "rollout.decode=static: this transformers' sdpa attention copies the whole static KV cache at "
-                    "every step for grouped-query attention (no pack_gqa before transformers 5.23), which is slower "
-                    "than the dynamic loop; decoding with rollout.decode=dynamic (same tokens). Upgrade transformers "
-                    "for the static loop.", stacklevel=2,
-                )
-                self._warned = True
+            warnings.warn(  # Python's default filter shows it once, however many rollouts call this
+                "rollout.decode=static: this transformers' sdpa attention copies the whole static KV cache at "
+                "every step for grouped-query attention (no pack_gqa before transformers 5.23), which is slower "
+                "than the dynamic loop; decoding with rollout.decode=dynamic (same tokens). Upgrade transformers "
+                "for the static loop.", stacklevel=2,
+            )
             return "dynamic"
         return mode
 
