@@ -44,7 +44,7 @@ def static_cache(model, prefix: PromptPrefix, max_cache_len: int, reuse: StaticC
     layers = prefix.cache.layers
     first = layers[0].keys
     if not _fits(reuse, first, max_cache_len):
-        reuse = StaticCache(config=getattr(model, "module", model).config, max_cache_len=max_cache_len)
+        reuse = empty_cache(model, max_cache_len)
     if len(layers) != len(reuse.layers):
         raise RuntimeError(f"prefill cache has {len(layers)} layers, the static cache {len(reuse.layers)}")
     P = prefix.attention_mask.shape[1]
@@ -55,6 +55,12 @@ def static_cache(model, prefix: PromptPrefix, max_cache_len: int, reuse: StaticC
         static.values[:, :, :P].copy_(dynamic.values)
         static.cumulative_length.fill_(P)  # the next token goes to slot P; also the query offset of the causal mask
     return reuse
+
+
+def empty_cache(model, max_cache_len: int) -> StaticCache:
+    """A StaticCache of `max_cache_len` slots per row, its tensors allocated by the first forward that writes
+    to it. Alone, it holds a completion's keys/values (group attention reads the prompt from the prefill)."""
+    return StaticCache(config=getattr(model, "module", model).config, max_cache_len=max_cache_len)
 
 
 def _fits(cache: StaticCache | None, keys: torch.Tensor, max_cache_len: int) -> bool:

@@ -30,9 +30,11 @@ class PromptPrefix:
     last_hidden: torch.Tensor | None  # [B, H] final hidden state of the last prompt token (predicts completion token 0)
     last_logits: torch.Tensor | None  # [B, V] logits of the last prompt token (sampling only)
 
-    def select(self, index: torch.Tensor) -> None:
-        """Keep row `index[i]` as row i (in place): [B] -> [N]; gradients flow back to the prompt and sum there."""
-        map_cache(self.cache, lambda t: select_rows(t, index))
+    def select(self, index: torch.Tensor, cache: bool = True) -> None:
+        """Keep row `index[i]` as row i (in place): [B] -> [N]; gradients flow back to the prompt and sum there.
+        cache=False leaves the cache at its B rows (a decode that reads each prompt once per group)."""
+        if cache:
+            map_cache(self.cache, lambda t: select_rows(t, index))
         self.attention_mask = self.attention_mask[index]
         self.next_position = self.next_position[index]
         if self.last_hidden is not None:

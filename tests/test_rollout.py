@@ -198,11 +198,14 @@ def test_static_decode_with_every_linear_packed_equals_dynamic(arch_setup, monke
 
 def test_static_decode_falls_back_to_dynamic_where_transformers_would_copy_the_cache(setup, monkeypatch):
     # transformers before 5.23 has no pack_gqa: its sdpa copies every slot of the static cache per step for
-    # grouped-query attention (tiny: 4 heads, 2 KV heads); the engine then decodes dynamically, and says so once
+    # grouped-query attention (tiny: 4 heads, 2 KV heads). Where group attention reads the cache instead (CPU,
+    # float32) the static loop stays; elsewhere (a GPU, bf16, sharded weights) the engine decodes
+    # dynamically, and says so once
     import transformers
     from packaging.version import Version
 
     import gpg_vl.decode as decode
+    import gpg_vl.rollout.hf as hf
 
     model, processor, _, prompts = setup
     greedy = SamplingParams(n=2, temperature=0, max_new_tokens=6)
@@ -210,6 +213,8 @@ def test_static_decode_falls_back_to_dynamic_where_transformers_would_copy_the_c
     if decode.sdpa_packs_gqa():
         assert HFEngine(model, processor, decode="static")._decode_mode(lockstep=False) == "static"
     monkeypatch.setattr(decode, "sdpa_packs_gqa", lambda: False)  # as transformers 5.19 (vLLM's environment)
+    assert HFEngine(model, processor, decode="static")._decode_mode(lockstep=False) == "static"  # group attention
+    monkeypatch.setattr(hf, "group_decode_applies", lambda model: False)  # as on a GPU
     engine = HFEngine(model, processor, decode="static")
     with pytest.warns(UserWarning, match="decoding with rollout.decode=dynamic"):
         fallback = engine.generate(prompts, greedy)

@@ -29,8 +29,10 @@ from transformers.generation.logits_process import (
 )
 
 from gpg_vl.decode import (
-    DECODE_MODES, DecodeStep, cache_length, can_pack_linears, packed_linears, static_cache, static_expands_the_cache, static_mask,
+    DECODE_MODES, DecodeStep, cache_length, can_pack_linears, empty_cache, packed_linears, static_cache,
+    static_expands_the_cache, static_mask,
 )
+from gpg_vl.group_attention import GroupPrompt, group_decode, group_decode_applies
 from gpg_vl.prefix import continue_forward, prefill
 from gpg_vl.distributed import any_rank, needs_lockstep
 from gpg_vl.rollout.base import Rollout, SamplingParams
@@ -104,9 +106,15 @@ class HFEngine:
         device = self._device()
         inputs = self.processor(batch, padding_side="left").to(device)
         prefix = prefill(model, inputs, want_hidden=False)
-        prefix.select(torch.arange(len(batch), device=device).repeat_interleave(n))  # [B] -> [B*n], group-contiguous
-        processors = self._processors(params)
         lockstep = needs_lockstep(model)
+        mode = self._decode_mode(lockstep)
+        # the static loop reads each prompt's keys/values once per group (gpg_vl.group_attention) where it applies;
+        # otherwise every row gets its own copy of them
+        grouped = mode == "static" and self._reads_prompt_once(lockstep)
+        prompt = GroupPrompt.from_prefill(prefix.cache, prefix.attention_mask, n, prefix.last_logits.dtype) if grouped else None
+        rows = torch.arange(len(batch), device=device).repeat_interleave(n)
+        prefix.select(rows, cache=not grouped)  # [B] -> [B*n], group-contiguous
+        processors = self._processors(params)
         N, P = prefix.attention_mask.shape
         ids = torch.empty(N, P + T, dtype=torch.long, device=device)  # the prompt, then the sampled tokens
         ids[:, :P] = inputs["input_ids"].repeat_interleave(n, dim=0)
@@ -114,13 +122,15 @@ class HFEngine:
         eos_t = torch.tensor(eos, device=device)
         unfinished = torch.ones(N, dtype=torch.bool, device=device)
         logits = prefix.last_logits.float()  # [N, V]
-        mode = self._decode_mode(lockstep)
-        next_logits = self._dynamic_steps(prefix) if mode == "dynamic" else self._static_steps(prefix, T, mode)
+        next_logits = self._dynamic_steps(prefix) if mode == "dynamic" else self._static_steps(prefix, T, mode, prompt)
         # the decode GEMMs multiply with weights packed once per rollout (gpg_vl.decode.packed_linears) when
         # static was asked for (also where it falls back to the dynamic cache); not with sharded weights, which
         # are gathered per call, nor in the reference (dynamic) and compiled loops
         packing = self.decode == "static" and not lockstep and can_pack_linears(model)
-        with packed_linears(model, N) if packing else contextlib.nullcontext():
+        with (
+            packed_linears(model, N) if packing else contextlib.nullcontext(),
+            group_decode(model, prompt) if grouped else contextlib.nullcontext(),
+        ):
             for step in range(T):
                 processed = processors(ids[:, : P + step], logits)  # [N, V]; processors see the past as input_ids
                 if params.greedy:
@@ -143,7 +153,7 @@ class HFEngine:
     def _decode_mode(self, lockstep: bool) -> str:
         # compiling through sharded-weight hooks (FSDP2, ZeRO-3) is untested: those ranks decode uncompiled
         mode = "static" if lockstep and self.decode == "compiled" else self.decode
-        if mode == "static" and static_expands_the_cache(self.model):
+        if mode == "static" and not self._reads_prompt_once(lockstep) and static_expands_the_cache(self.model):
             warnings.warn(  # Python's default filter shows it once, however many rollouts call this
                 "rollout.decode=static: this transformers' sdpa attention copies the whole static KV cache at "
                 "every step for grouped-query attention (no pack_gqa before transformers 5.23), which is slower "
@@ -152,6 +162,11 @@ class HFEngine:
             )
             return "dynamic"
         return mode
+
+    def _reads_prompt_once(self, lockstep: bool) -> bool:
+        """Whether the static loop attends with `group_attention` (the prompt's keys/values read once per group,
+        the completion's in their own cache): on the CPU in float32, not with sharded weights (untested there)."""
+        return self.decode == "static" and not lockstep and group_decode_applies(self.model)
 
     def _dynamic_steps(self, prefix):
         """The reference decode: a DynamicCache and a mask that grow by one column per token."""
@@ -164,24 +179,31 @@ class HFEngine:
 
         return next_logits
 
-    def _static_steps(self, prefix, max_new_tokens: int, mode: str):
+    def _static_steps(self, prefix, max_new_tokens: int, mode: str, prompt: GroupPrompt | None = None):
         """Decode over a pre-allocated cache (`mode` static or compiled): per token, one step call and no
-        allocation of the model's state."""
+        allocation of the model's state. With `prompt` (group attention) the cache holds the completion only,
+        and attention takes the prompt's keys/values and padding from `prompt`."""
         N, P = prefix.attention_mask.shape
-        slots = cache_length(P, max_new_tokens)
-        # a compiled step keeps its cache between rollouts of one shape (CUDA graphs replay on fixed addresses)
-        cache = static_cache(self.model, prefix, slots, reuse=self._cache if mode == "compiled" else None)
+        if prompt is not None:
+            cache, mask = empty_cache(self.model, cache_length(0, max_new_tokens)), None
+        else:
+            slots = cache_length(P, max_new_tokens)
+            # a compiled step keeps its cache between rollouts of one shape (CUDA graphs replay on fixed addresses)
+            cache = static_cache(self.model, prefix, slots, reuse=self._cache if mode == "compiled" else None)
+            mask = static_mask(prefix, slots)
         self._cache = cache if mode == "compiled" else None
-        mask = static_mask(prefix, slots)
         prefix.cache = None  # the dynamic copy is no longer read
-        steps = torch.arange(max_new_tokens, device=mask.device)
+        steps = torch.arange(max_new_tokens, device=prefix.next_position.device)
         positions = (prefix.next_position[None, :] + steps[:, None])[:, None, :, None].expand(-1, 3, N, 1)  # [T, 3, N, 1]
         if self._step is None or self._step.policy is not getattr(self.model, "module", self.model) or self._step.compiled != (mode == "compiled"):
             self._step = DecodeStep(self.model, compile=mode == "compiled")
         step_fn = self._step
 
         def next_logits(token: torch.Tensor, step: int) -> torch.Tensor:
-            mask[:, P + step] = 1  # the slot this token is written to
+            if prompt is not None:
+                prompt.step = step  # the completion slot this token is written to
+            else:
+                mask[:, P + step] = 1  # the slot this token is written to
             return step_fn(token[:, None], positions[step], mask, cache).float()
 
         return next_logits
