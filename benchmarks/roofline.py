@@ -5,7 +5,8 @@ First it measures the machine, at the thread count in use: fp32 matmul GFLOPS at
 copy (bytes read + written). Then, for each preset, one step of the trainer's own stages at the vs-TRL
 settings (B prompts x G completions, 224 px, N new tokens, fp32): rollout prefill, rollout decode, training
 forward, backward, optimizer step. FLOPs are counted by torch's `FlopCounterMode` (matmuls and attention);
-bytes are the weights read per decode step (+ the KV cache) and AdamW's 7 fp32 reads/writes per parameter.
+bytes are what a decode step must read (the language model's weights, each prompt's keys/values once per group
+and each completion's own; `decode_step_bytes`) and AdamW's 7 fp32 reads/writes per parameter.
 A stage's limit is max(FLOPs / peak FLOPS, bytes / bandwidth); the fraction printed is limit / measured
 time. Run it alone on the machine:
 
@@ -35,6 +36,21 @@ def best_time(fn, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def decode_step_bytes(model, prompts: int, group: int, prompt_length: int, steps: int) -> float:
+    """What one decode step must read at least, on average over `steps`: the language model's weights (not the
+    vision tower, which ran in prefill; not the embedding table, of which a step gathers one row per sequence,
+    except as the LM head where the two are tied) and the keys/values attended to: each prompt's once for its
+    group of completions (they are the same for all of them), each completion's own so far."""
+    decoder = model.get_decoder()
+    embedding, head = decoder.get_input_embeddings().weight, model.get_output_embeddings().weight
+    weights = sum(p.numel() * p.element_size() for p in decoder.parameters() if p is not embedding)
+    weights += head.numel() * head.element_size()
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * head.element_size()  # keys + values
+    return weights + per_token * (prompts * prompt_length + prompts * group * steps / 2)
 
 
 def machine_limits(rows: int, hidden: int, ffn: int) -> dict:
@@ -103,10 +119,8 @@ def step_stages(preset: str, a) -> tuple[dict, list[dict]]:
         token = rollout.completion_ids[:, :1]
         mask = torch.cat([prefix.attention_mask, torch.ones(B * G, 1, dtype=prefix.attention_mask.dtype)], dim=1)
         step_flops, _ = count_flops(lambda: continue_forward(model, prefix, token, mask, 0, want_hidden=False))
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_bytes = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 4 * B * G * (inputs["input_ids"].shape[1] + steps / 2)
     rows.append({"stage": "rollout decode", "seconds": max(gen_seconds - seconds, 1e-9), "flops": step_flops * steps,
-                 "bytes": (param_bytes + kv_bytes) * steps, "decode_steps": steps})
+                 "bytes": decode_step_bytes(model, B, G, inputs["input_ids"].shape[1], steps) * steps, "decode_steps": steps})
 
     # training forward + backward + optimizer, as the trainer runs them (shared prefix, one micro-batch)
     model.train()
