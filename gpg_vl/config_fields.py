@@ -118,8 +118,10 @@ class RolloutConfig:
     batch_size: int = option(64, ge=1)
     """Sequences generated at once by the engine (a memory knob, not an algorithm one)."""
     decode: str = option("static", choices=_decode_modes)
-    """hf engine only: the decode loop after each prompt is prefilled once. static: keys/values in one
-    pre-allocated cache of prompt + max_new_tokens slots, one model call per token; compiled: the same step
+    """hf engine only: the decode loop after each prompt is prefilled once. static: pre-allocated keys/values,
+    one model call per token (on the CPU in float32: a cache of max_new_tokens slots for the completions,
+    each prompt read once per group by group attention; elsewhere one cache of prompt + max_new_tokens
+    slots per row); compiled: the same step
     under torch.compile (CUDA graphs on CUDA; compiles once per shape, tens of seconds on a CPU); dynamic:
     transformers' DynamicCache grown by one column per token (the reference the others are tested against)."""
     vllm_gpu_memory_utilization: float = option(0.3, gt=0, le=1)

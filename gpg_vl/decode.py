@@ -1,6 +1,8 @@
 """The decode loop's model side with nothing allocated per token: the N rows' keys and values sit in one
 pre-allocated transformers `StaticCache` (the prompt written once, after it was prefilled once per prompt),
 the attention mask is built once, and one step function maps (tokens, positions, cache) to the last logits.
+Where group attention applies (gpg_vl.group_attention: the CPU, float32) the cache holds the completions'
+keys/values only (`empty_cache`) and the prompt is read from the prefill's cache, once per group.
 
 Why static: the dynamic cache concatenates every layer's keys and values each token, and a step whose
 shapes never change is what `torch.compile` (and CUDA graphs, `mode="reduce-overhead"`) can capture.

@@ -70,11 +70,11 @@ def group_attention(module, query, key, value, attention_mask, scaling=None, dro
     prompt_keys, prompt_values = prompt.keys[module.layer_idx], prompt.values[module.layer_idx]
     P, done = prompt_keys.shape[2], prompt.step + 1
     # the group's G x r queries of each key/value head against its prompt: [B, kv, G*r, P]
-    grouped = query.view(B, G, kv, r, D).transpose(1, 2).reshape(B, kv, G * r, D)
+    grouped = query.reshape(B, G, kv, r, D).transpose(1, 2).reshape(B, kv, G * r, D)
     on_prompt = torch.matmul(grouped, prompt_keys.transpose(-1, -2)).mul_(scale).add_(prompt.bias)
     on_prompt = on_prompt.view(B, kv, G, r, P).transpose(1, 2).reshape(N, kv, r, P)
     # each row's queries against its own completion so far: [N, kv, r, done]
-    rows = query.view(N, kv, r, D)
+    rows = query.reshape(N, kv, r, D)
     own_keys, own_values = key[:, :, :done], value[:, :, :done]
     on_own = torch.matmul(rows, own_keys.transpose(-1, -2)).mul_(scale)
     weights = torch.softmax(torch.cat([on_prompt, on_own], dim=-1), dim=-1)

@@ -3,8 +3,10 @@
 Two paths with the same sampling distribution: by default each prompt (and its images) is prefilled ONCE
 and its G completions are sampled from row-indexed copies of that cache (`gpg_vl.prefix`); with
 `share_prefix=False`, `model.generate` runs on G copies of every prompt (the reference). The shared path
-decodes over a pre-allocated static KV cache (`decode="static"`, gpg_vl.decode), optionally with a compiled
-step (`"compiled"`), or over transformers' growing DynamicCache (`"dynamic"`, the reference). All keep the
+decodes over a pre-allocated static KV cache (`decode="static"`, gpg_vl.decode; on the CPU in float32 the cache
+holds the completions only and group attention reads each prompt once per group, gpg_vl.group_attention),
+optionally with a compiled step (`"compiled"`), or over transformers' growing DynamicCache (`"dynamic"`, the
+reference). All keep the
 log-prob of every sampled token under the distribution it was drawn from, one float per token: GRPO's
 ratio uses them as `old_logprobs`, off-policy or asynchronous work needs them, and the demo's rollout
 inspector shows them. Nothing vocabulary-sized is kept across steps (no `output_scores`: at Qwen's 151,936
