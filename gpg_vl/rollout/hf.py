@@ -1,13 +1,14 @@
 """Rollouts with Hugging Face models on the policy itself (no copy, so weight sync is a no-op).
 
 Two paths with the same sampling distribution: by default each prompt (and its images) is prefilled ONCE
-and its G completions are sampled from row-indexed copies of that cache (`gpg_vl.prefix`); with
+and its G completions are sampled from that cache (`gpg_vl.prefix`; row-indexed copies, or read once per
+group, below); with
 `share_prefix=False`, `model.generate` runs on G copies of every prompt (the reference). The shared path
-decodes over a pre-allocated static KV cache (`decode="static"`, gpg_vl.decode; on the CPU in float32 the cache
-holds the completions only and group attention reads each prompt once per group, gpg_vl.group_attention),
-optionally with a compiled step (`"compiled"`), or over transformers' growing DynamicCache (`"dynamic"`, the
-reference). All keep the
-log-prob of every sampled token under the distribution it was drawn from, one float per token: GRPO's
+decodes over a pre-allocated static KV cache (`decode="static"`, gpg_vl.decode; on the CPU in float32 the
+cache holds the completions only and group attention reads each prompt once per group,
+gpg_vl.group_attention), optionally with a compiled step (`"compiled"`), or over transformers' growing
+DynamicCache (`"dynamic"`, the reference). All keep the log-prob of every sampled token under the
+distribution it was drawn from, one float per token: GRPO's
 ratio uses them as `old_logprobs`, off-policy or asynchronous work needs them, and the demo's rollout
 inspector shows them. Nothing vocabulary-sized is kept across steps (no `output_scores`: at Qwen's 151,936
 tokens those rows cost ~27 GB for 64 sequences x 700 tokens).
@@ -112,7 +113,7 @@ class HFEngine:
         mode = self._decode_mode(lockstep)
         # the static loop reads each prompt's keys/values once per group (gpg_vl.group_attention) where it applies;
         # otherwise every row gets its own copy of them
-        grouped = mode == "static" and self._reads_prompt_once(lockstep)
+        grouped = self._reads_prompt_once(lockstep)
         prompt = GroupPrompt.from_prefill(prefix.cache, prefix.attention_mask, n, prefix.last_logits.dtype) if grouped else None
         rows = torch.arange(len(batch), device=device).repeat_interleave(n)
         prefix.select(rows, cache=not grouped)  # [B] -> [B*n], group-contiguous
