@@ -133,13 +133,16 @@ def sdpa_packs_gqa() -> bool:
     return hasattr(sdpa_attention, "pack_gqa")
 
 
+def float32_on_cpu(model) -> bool:
+    """Whether the model's weights are float32 on the CPU: where the decode's CPU paths (packed weights, group
+    attention) apply, as measured and tested."""
+    weight = next(getattr(model, "module", model).parameters())
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
 def can_pack_linears(model) -> bool:
     """True where `packed_linears` applies: float32 weights on the CPU, with oneDNN's packed linear in torch."""
-    weight = next(getattr(model, "module", model).parameters())
-    return (
-        weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return float32_on_cpu(model) and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 @contextlib.contextmanager

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface
 
+from gpg_vl.decode import float32_on_cpu
+
 ATTENTION = "gpg_vl_group_decode"
 
 
@@ -90,13 +92,11 @@ AttentionInterface.register(ATTENTION, group_attention)
 def group_decode_applies(model) -> bool:
     """Where the decode loop uses this attention: float32 weights on the CPU (where it was measured and
     tested), a language model without sliding-window layers."""
-    policy = getattr(model, "module", model)
-    weight = next(policy.parameters())
-    text = policy.config.get_text_config()
+    text = getattr(model, "module", model).config.get_text_config()
     sliding = getattr(text, "use_sliding_window", False) or any(
         kind != "full_attention" for kind in getattr(text, "layer_types", None) or ()
     )
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and not sliding
+    return float32_on_cpu(model) and not sliding
 
 
 @contextlib.contextmanager
