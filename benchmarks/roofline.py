@@ -12,6 +12,10 @@ time. Run it alone on the machine:
 
     .venv/bin/python benchmarks/roofline.py                   # tiny, small-20m, 2b-shape; under 15 min here
     .venv/bin/python benchmarks/roofline.py --presets tiny --out runs/roofline
+    .venv/bin/python benchmarks/roofline.py --presets small-20m --decode compiled --out runs/roofline_compiled
+
+The decode is the default loop (`rollout.decode=static`) unless `--decode` says otherwise; a compiled loop
+compiles in the warm-up rollout, before anything is timed.
 """
 
 from __future__ import annotations
@@ -97,9 +101,9 @@ def step_stages(preset: str, a) -> tuple[dict, list[dict]]:
         {"type": "text", "text": "What colour is the large shape? Answer with a letter."},
     ]}] for c in ["red", "green", "blue", "yellow"][: a.prompts]]
     B, G, L = len(prompts), a.group_size, a.max_new_tokens
-    engine = make_engine("hf", model, processor, RolloutConfig(batch_size=B * G, max_new_tokens=L), cfg)
+    engine = make_engine("hf", model, processor, RolloutConfig(batch_size=B * G, max_new_tokens=L, decode=a.decode), cfg)
     params = SamplingParams(n=G, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=L, seed=0)
-    engine.generate(prompts, params)  # warm-up
+    engine.generate(prompts, params)  # warm-up (the compiled decode compiles here)
     model.eval()
     inputs = processor([processor.resize(p) for p in prompts])
     rows: list[dict] = []
@@ -110,8 +114,10 @@ def step_stages(preset: str, a) -> tuple[dict, list[dict]]:
         seconds = statistics.median(timed(lambda: prefill(model, inputs, want_hidden=False))[0] for _ in range(3))
     rows.append({"stage": "rollout prefill", "seconds": seconds, "flops": flops, "bytes": param_bytes})
 
-    # rollout decode: the whole generate minus its prefill; FLOPs and bytes of one decode step x steps
-    gen_seconds, rollout = timed(lambda: engine.generate(prompts, params))
+    # rollout decode: the whole generate minus its prefill (medians of 3, the same seed: the same tokens each
+    # time); FLOPs and bytes of one decode step x steps
+    generations = [timed(lambda: engine.generate(prompts, params)) for _ in range(3)]
+    gen_seconds, rollout = statistics.median(t for t, _ in generations), generations[0][1]
     steps = rollout.completion_ids.shape[1]
     with torch.no_grad():
         prefix = prefill(model, inputs, want_hidden=False)
@@ -177,6 +183,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: as configured)")
+    ap.add_argument("--decode", default="static", choices=["dynamic", "static", "compiled"], help="the HF engine's decode loop (rollout.decode)")
     ap.add_argument("--out", default="runs/roofline")
     a = ap.parse_args()
     if a.threads:

@@ -121,8 +121,9 @@ class RolloutConfig:
     """hf engine only: the decode loop after each prompt is prefilled once. static: pre-allocated keys/values,
     one model call per token (on the CPU in float32: a cache of max_new_tokens slots for the completions,
     each prompt read once per group by group attention; elsewhere one cache of prompt + max_new_tokens
-    slots per row); compiled: the same step
-    under torch.compile (CUDA graphs on CUDA; compiles once per shape, tens of seconds on a CPU); dynamic:
+    slots per row); compiled: the same step under torch.compile (CUDA graphs on CUDA; on the CPU it keeps
+    the packed weights and group attention in one graph: faster per rollout, but it compiles for 10-60 s at
+    the first rollout and again once at the first new shape, and needs a C++ compiler); dynamic:
     transformers' DynamicCache grown by one column per token (the reference the others are tested against)."""
     vllm_gpu_memory_utilization: float = option(0.3, gt=0, le=1)
     """vLLM only: share of GPU memory the colocated engine may take."""

@@ -2,7 +2,7 @@
 pre-allocated transformers `StaticCache` (the prompt written once, after it was prefilled once per prompt),
 the attention mask is built once, and one step function maps (tokens, positions, cache) to the last logits.
 Where group attention applies (gpg_vl.group_attention: the CPU, float32) the cache holds the completions'
-keys/values only (`empty_cache`) and the prompt is read from the prefill's cache, once per group.
+keys/values only (`completion_cache`) and the prompt is read from the prefill's cache, once per group.
 
 Why static: the dynamic cache concatenates every layer's keys and values each token, and a step whose
 shapes never change is what `torch.compile` (and CUDA graphs, `mode="reduce-overhead"`) can capture.
@@ -61,8 +61,21 @@ def static_cache(model, prefix: PromptPrefix, max_cache_len: int, reuse: StaticC
 
 def empty_cache(model, max_cache_len: int) -> StaticCache:
     """A StaticCache of `max_cache_len` slots per row, its tensors allocated by the first forward that writes
-    to it. Alone, it holds a completion's keys/values (group attention reads the prompt from the prefill)."""
+    to it (or by `lazy_initialization`)."""
     return StaticCache(config=getattr(model, "module", model).config, max_cache_len=max_cache_len)
+
+
+def completion_cache(model, prompt_keys: list[torch.Tensor], prompt_values: list[torch.Tensor], rows: int, max_cache_len: int) -> StaticCache:
+    """The completions' own StaticCache beside group attention's prompt (which it reads from the prefill):
+    `max_cache_len` zeroed slots for each of `rows` rows, per layer shaped like that layer's prompt keys/values
+    [B, kv_heads, P, head_dim]. Allocated now, not by the first forward: a compiled step then sees one
+    initialised cache from its first token on (lazily, the first token would compile a graph of its own)."""
+    cache = empty_cache(model, max_cache_len)
+    if len(cache.layers) != len(prompt_keys):
+        raise RuntimeError(f"prefill cache has {len(prompt_keys)} layers, the static cache {len(cache.layers)}")
+    for layer, keys, values in zip(cache.layers, prompt_keys, prompt_values):
+        layer.lazy_initialization(keys.new_empty(rows, keys.shape[1], 0, keys.shape[3]), values.new_empty(rows, values.shape[1], 0, values.shape[3]))
+    return cache
 
 
 def _fits(cache: StaticCache | None, keys: torch.Tensor, max_cache_len: int) -> bool:
@@ -87,6 +100,10 @@ class DecodeStep:
 
     compile: wrap the step in `torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; the default
     mode on the CPU). The compiled function is kept, so later rollouts with the same shapes reuse its graph.
+    On the CPU in float32 the graph takes in what the eager step runs there: the products with the weights of
+    `packed_linears` (through the opaque `packed_linear` operator, each packed copy a graph input) and group
+    attention over every completion slot (`GroupPrompt.written`), so the one graph serves every rollout of a
+    shape while the weights change between them.
     """
 
     def __init__(self, model, compile: bool = False):
@@ -157,7 +174,12 @@ def packed_linears(model, rows: int):
     LoRA layer keeps its own forward and adds its adapters around its plain base layer, which is packed; a
     quantized layer is left alone. The packed copies, as large as those weights, live until
     the block ends; then the layers get their own forward back. No gradient flows through the packed product:
-    for decoding under `torch.no_grad`."""
+    for decoding under `torch.no_grad`.
+
+    Trap (a compiled step): each packed copy is an attribute of its layer (`PACKED`), read by the forward at
+    every call, not bound into the forward. torch.compile then takes it as a graph input, guarded on its shape
+    only, so the next rollout's copies (the weights changed in between) reuse the graph; bound into the
+    forward, each new copy invalidated the graph and recompiled it."""
     policy = getattr(model, "module", model)
     layers = [
         m for m in _text_modules(policy)
@@ -166,16 +188,35 @@ def packed_linears(model, rows: int):
     ]
     try:
         for layer in layers:
-            packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows)
-            layer.forward = functools.partial(_packed_linear, packed, layer.bias)
+            setattr(layer, PACKED, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), rows))
+            layer.forward = functools.partial(_packed_forward, layer)
         yield len(layers)
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
+            layer.__dict__.pop(PACKED, None)
 
 
-def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+PACKED = "_gpg_vl_packed_weight"  # the attribute holding a layer's packed weight inside `packed_linears`
+
+
+def _packed_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    packed = getattr(layer, PACKED)
+    if torch.compiler.is_compiling():  # inductor lowers oneDNN's op for frozen weights only: keep it opaque
+        return packed_linear(x, packed, layer.bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, layer.bias, "none", [], "")
+
+
+@torch.library.custom_op("gpg_vl::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + bias with W packed by `torch.ops.mkldnn._reorder_linear_weight`, as one operator that
+    torch.compile calls as it is (its own lowering of oneDNN's op asserts a constant, frozen weight)."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))  # a packed [out, in] weight keeps its logical shape
 
 
 def _text_modules(policy):

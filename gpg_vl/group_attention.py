@@ -41,6 +41,15 @@ class GroupPrompt:
     bias: torch.Tensor  # [B, 1, 1, P]: 0 on the prompt's tokens, -inf on its left padding
     group_size: int  # G: rows b*G .. b*G+G-1 complete prompt b
     step: int = 0  # the token going in now is completion token `step`, written to completion slot `step`
+    # for a compiled step, whose shapes cannot follow `step`: [1, 1, 1, slots], 0 on the completion slots
+    # written so far and -inf on the rest, and attention reads every slot; None: it reads slots [0, step]
+    written: torch.Tensor | None = None
+
+    def open_slot(self, step: int) -> None:
+        """Before the forward of completion token `step`: it is written to slot `step` and attends to it."""
+        self.step = step
+        if self.written is not None:
+            self.written[..., step] = 0.0
 
     @classmethod
     def from_prefill(cls, cache, attention_mask: torch.Tensor, group_size: int, dtype: torch.dtype) -> GroupPrompt:
@@ -70,15 +79,19 @@ def group_attention(module, query, key, value, attention_mask, scaling=None, dro
     B, r = N // G, H // kv
     scale = D**-0.5 if scaling is None else scaling
     prompt_keys, prompt_values = prompt.keys[module.layer_idx], prompt.values[module.layer_idx]
-    P, done = prompt_keys.shape[2], prompt.step + 1
+    P = prompt_keys.shape[2]
     # the group's G x r queries of each key/value head against its prompt: [B, kv, G*r, P]
     grouped = query.reshape(B, G, kv, r, D).transpose(1, 2).reshape(B, kv, G * r, D)
     on_prompt = torch.matmul(grouped, prompt_keys.transpose(-1, -2)).mul_(scale).add_(prompt.bias)
     on_prompt = on_prompt.view(B, kv, G, r, P).transpose(1, 2).reshape(N, kv, r, P)
     # each row's queries against its own completion so far: [N, kv, r, done]
     rows = query.reshape(N, kv, r, D)
-    own_keys, own_values = key[:, :, :done], value[:, :, :done]
-    on_own = torch.matmul(rows, own_keys.transpose(-1, -2)).mul_(scale)
+    if prompt.written is None:
+        own_keys, own_values = key[:, :, : prompt.step + 1], value[:, :, : prompt.step + 1]
+        on_own = torch.matmul(rows, own_keys.transpose(-1, -2)).mul_(scale)
+    else:  # every slot; the unwritten ones (zeros, or an earlier token's values) get no weight
+        own_keys, own_values = key, value
+        on_own = torch.matmul(rows, own_keys.transpose(-1, -2)).mul_(scale).add_(prompt.written)
     weights = torch.softmax(torch.cat([on_prompt, on_own], dim=-1), dim=-1)
     from_prompt = weights[..., :P].reshape(B, G, kv, r, P).transpose(1, 2).reshape(B, kv, G * r, P)
     out = torch.matmul(from_prompt, prompt_values).view(B, kv, G, r, D).transpose(1, 2).reshape(N, kv, r, D)
@@ -101,8 +114,8 @@ def group_decode_applies(model) -> bool:
 
 @contextlib.contextmanager
 def group_decode(model, prompt: GroupPrompt):
-    """Inside the block, the language model's attention is `group_attention` over `prompt`; set
-    `prompt.step` before each decode forward. The model's own implementation comes back after, even on an
+    """Inside the block, the language model's attention is `group_attention` over `prompt`; call
+    `prompt.open_slot(step)` before each decode forward. The model's own implementation comes back after, even on an
     error."""
     text = getattr(model, "module", model).config.get_text_config()
     before = text._attn_implementation_internal

@@ -32,8 +32,11 @@ def tiny(tiny_model_dir):
     return load_policy(ModelConfig(name_or_path=str(tiny_model_dir), min_pixels=3136, max_pixels=12544))
 
 
+@pytest.mark.parametrize("every_slot", [False, True], ids=["slots-so-far", "every-slot-masked"])
 @pytest.mark.parametrize("heads,kv_heads,group", [(6, 2, 8), (4, 4, 3), (3, 1, 1)])
-def test_group_attention_equals_sdpa_over_every_rows_full_cache(tiny, heads, kv_heads, group):
+def test_group_attention_equals_sdpa_over_every_rows_full_cache(tiny, heads, kv_heads, group, every_slot):
+    # both ways of reading the completion: slots [0, step] (eager), or every slot with the unwritten ones masked
+    # (a compiled step's fixed shapes; the unwritten slots hold random values here, as a reused cache would)
     model, _ = tiny
     module = model.get_decoder().layers[0].self_attn  # its config and layer index; the heads come from the tensors
     g = torch.Generator().manual_seed(heads * 10 + group)
@@ -46,9 +49,13 @@ def test_group_attention_equals_sdpa_over_every_rows_full_cache(tiny, heads, kv_
     cache = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=prompt_keys, values=prompt_values)])
     prompt = ga.GroupPrompt.from_prefill(cache, pad, group, torch.float32)
     own_keys, own_values = (torch.randn(N, kv_heads, slots, D, generator=g) for _ in range(2))  # past `step`: unwritten
+    if every_slot:
+        prompt.written = torch.full((1, 1, 1, slots), float("-inf"))
     with ga.group_decode(model, prompt):
-        for step in (0, 3, slots - 1):
-            prompt.step = step
+        for step in range(slots):
+            prompt.open_slot(step)
+            if step not in (0, 3, slots - 1):
+                continue
             query = torch.randn(N, heads, 1, D, generator=g)
             out, weights = ga.group_attention(module, query, own_keys, own_values, None, scaling=D**-0.5)
             done = step + 1

@@ -176,7 +176,7 @@ def test_packed_linears_pack_every_decoder_linear_and_give_their_forward_back(ar
             assert packed == len(linears) > 0 and all("forward" in m.__dict__ for m in linears)
             torch.testing.assert_close(linears[0](x), torch.nn.functional.linear(x, linears[0].weight, linears[0].bias))
             raise RuntimeError("inside")
-    assert not any("forward" in m.__dict__ for m in linears)
+    assert not any("forward" in m.__dict__ or decode.PACKED in m.__dict__ for m in linears)
 
 
 def test_static_decode_with_every_linear_packed_equals_dynamic(arch_setup, monkeypatch):
@@ -186,8 +186,8 @@ def test_static_decode_with_every_linear_packed_equals_dynamic(arch_setup, monke
     model, processor, prompts = arch_setup
     monkeypatch.setattr(decode, "PACK_MIN_WEIGHTS", 0)
     calls = []
-    plain = decode._packed_linear
-    monkeypatch.setattr(decode, "_packed_linear", lambda *a: calls.append(1) or plain(*a))
+    plain = decode._packed_forward
+    monkeypatch.setattr(decode, "_packed_forward", lambda *a: calls.append(1) or plain(*a))
     for params in (SamplingParams(n=3, temperature=0, max_new_tokens=12), SamplingParams(n=4, max_new_tokens=16, seed=3)):
         static = HFEngine(model, processor, batch_size=8, decode="static").generate(prompts, params)
         dynamic = HFEngine(model, processor, batch_size=8, decode="dynamic").generate(prompts, params)
@@ -263,9 +263,16 @@ def test_lockstep_rank_keeps_stepping_while_another_runs(setup, monkeypatch):
 
 
 @pytest.mark.slow
-def test_compiled_decode_equals_static(setup):
+@pytest.mark.parametrize("grouped", [True, False], ids=["group-attention", "full-cache"])
+def test_compiled_decode_equals_static(setup, grouped, monkeypatch):
     # torch.compile of the step (default mode on the CPU); sampling stays outside, so the same seed draws the
-    # same tokens; inductor's fused kernels round differently from eager, hence a tolerance on the log-probs
+    # same tokens; inductor's fused kernels round differently from eager, hence a tolerance on the log-probs.
+    # Both caches: group attention over the completions' own cache (the CPU in float32), and the full static
+    # cache with sdpa that a GPU (CUDA graphs), bf16 or a sliding-window model decodes over
+    import gpg_vl.rollout.hf as hf
+
+    if not grouped:
+        monkeypatch.setattr(hf, "group_decode_applies", lambda model: False)
     model, processor, _, prompts = setup
     model = _sharpened(model)
     static = HFEngine(model, processor, batch_size=6, decode="static")
@@ -274,6 +281,51 @@ def test_compiled_decode_equals_static(setup):
         a, b = static.generate(prompts, params), compiled.generate(prompts, params)
         assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids)
         torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decode_on_the_cpu_runs_packed_weights_and_group_attention_in_a_graph_kept_across_weight_updates(setup, monkeypatch):
+    # on the CPU in float32 the compiled step traces the static loop's packed products and group attention; the
+    # packed copies are graph inputs, not constants: after the weights change in place (as an optimizer step
+    # changes them) the next rollout reuses the graph, and decodes with the new weights
+    import gpg_vl.decode as decode
+    import gpg_vl.group_attention as ga
+    from torch._dynamo.utils import counters
+    from transformers import AttentionInterface
+
+    _, processor, _, prompts = setup
+    model = _sharpened(setup[0])
+    monkeypatch.setattr(decode, "PACK_MIN_WEIGHTS", 0)  # tiny's layers are below the size that pays
+    graphs = []  # what dynamo hands inductor: the traced step
+    compile = torch.compile
+
+    def recording_compile(fn, mode=None):
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile(fn, backend=lambda gm, inputs: graphs.append(gm) or compile_fx(gm, inputs))
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    torch._dynamo.reset()
+    counters.clear()
+    static = HFEngine(model, processor, batch_size=9, decode="static")
+    compiled = HFEngine(model, processor, batch_size=9, decode="compiled")  # the 3 prompts in one call: one shape
+    sampled = SamplingParams(n=3, max_new_tokens=10, seed=2)
+    before = compiled.generate(prompts, sampled)
+    assert before.texts == static.generate(prompts, sampled).texts
+    layers = model.config.get_text_config().num_hidden_layers
+    targets = [str(node.target) for node in graphs[0].graph.nodes] if len(graphs) == 1 else []
+    assert len(graphs) == 1 and counters["stats"]["unique_graphs"] == 1
+    assert sum("gpg_vl.packed_linear" in t for t in targets) == 7 * layers  # q k v o gate up down, packed
+    assert sum("softmax" in t for t in targets) == layers and not any("scaled_dot_product" in t for t in targets)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.2)
+    for params in (sampled, SamplingParams(n=3, temperature=0, max_new_tokens=10)):
+        a, b = static.generate(prompts, params), compiled.generate(prompts, params)
+        assert a.texts == b.texts and torch.equal(a.completion_ids, b.completion_ids)
+        torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(b.completion_ids, before.completion_ids) or not torch.allclose(a.logprobs, before.logprobs)
+    assert len(graphs) == 1  # no recompile: the one graph read the new packed weights
 
 
 def test_unknown_decode_mode_lists_valid_ones(setup):

@@ -32,7 +32,7 @@ from transformers.generation.logits_process import (
 )
 
 from gpg_vl.decode import (
-    DECODE_MODES, DecodeStep, cache_length, can_pack_linears, empty_cache, packed_linears, static_cache,
+    DECODE_MODES, DecodeStep, cache_length, can_pack_linears, completion_cache, packed_linears, static_cache,
     static_expands_the_cache, static_mask,
 )
 from gpg_vl.group_attention import GroupPrompt, group_decode, group_decode_applies
@@ -127,9 +127,9 @@ class HFEngine:
         logits = prefix.last_logits.float()  # [N, V]
         next_logits = self._dynamic_steps(prefix) if mode == "dynamic" else self._static_steps(prefix, T, mode, prompt)
         # the decode GEMMs multiply with weights packed once per rollout (gpg_vl.decode.packed_linears) when
-        # static was asked for (also where it falls back to the dynamic cache); not with sharded weights, which
-        # are gathered per call, nor in the reference (dynamic) and compiled loops
-        packing = self.decode == "static" and not lockstep and can_pack_linears(model)
+        # static or compiled was asked for (also where static falls back to the dynamic cache); not with sharded
+        # weights, which are gathered per call, nor in the reference (dynamic) loop
+        packing = self.decode != "dynamic" and not lockstep and can_pack_linears(model)
         with (
             packed_linears(model, N) if packing else contextlib.nullcontext(),
             group_decode(model, prompt) if grouped else contextlib.nullcontext(),
@@ -167,9 +167,10 @@ class HFEngine:
         return mode
 
     def _reads_prompt_once(self, lockstep: bool) -> bool:
-        """Whether the static loop attends with `group_attention` (the prompt's keys/values read once per group,
-        the completion's in their own cache): on the CPU in float32, not with sharded weights (untested there)."""
-        return self.decode == "static" and not lockstep and group_decode_applies(self.model)
+        """Whether the static or compiled loop attends with `group_attention` (the prompt's keys/values read once
+        per group, the completion's in their own cache): on the CPU in float32, not with sharded weights
+        (untested there)."""
+        return self.decode != "dynamic" and not lockstep and group_decode_applies(self.model)
 
     def _dynamic_steps(self, prefix):
         """The reference decode: a DynamicCache and a mask that grow by one column per token."""
@@ -188,13 +189,16 @@ class HFEngine:
         and attention takes the prompt's keys/values and padding from `prompt`."""
         N, P = prefix.attention_mask.shape
         if prompt is not None:
-            cache, mask = empty_cache(self.model, cache_length(0, max_new_tokens)), None
+            slots = cache_length(0, max_new_tokens)
+            cache, mask = completion_cache(self.model, prompt.keys, prompt.values, N, slots), None
+            if mode == "compiled":  # one shape for every step: attention reads all slots, the unwritten masked
+                prompt.written = prompt.bias.new_full((1, 1, 1, slots), float("-inf"))
         else:
             slots = cache_length(P, max_new_tokens)
             # a compiled step keeps its cache between rollouts of one shape (CUDA graphs replay on fixed addresses)
             cache = static_cache(self.model, prefix, slots, reuse=self._cache if mode == "compiled" else None)
             mask = static_mask(prefix, slots)
-        self._cache = cache if mode == "compiled" else None
+        self._cache = cache if mode == "compiled" and prompt is None else None
         prefix.cache = None  # the dynamic copy is no longer read
         steps = torch.arange(max_new_tokens, device=prefix.next_position.device)
         positions = (prefix.next_position[None, :] + steps[:, None])[:, None, :, None].expand(-1, 3, N, 1)  # [T, 3, N, 1]
@@ -204,7 +208,7 @@ class HFEngine:
 
         def next_logits(token: torch.Tensor, step: int) -> torch.Tensor:
             if prompt is not None:
-                prompt.step = step  # the completion slot this token is written to
+                prompt.open_slot(step)  # the completion slot this token is written to
             else:
                 mask[:, P + step] = 1  # the slot this token is written to
             return step_fn(token[:, None], positions[step], mask, cache).float()
