@@ -1,8 +1,9 @@
 """How close each stage of one GPG step runs to this machine's limits (a roofline per stage).
 
 First it measures the machine, at the thread count in use: fp32 matmul GFLOPS at the shapes a step uses
-(best of several `torch.mm` calls at rows x hidden x FFN of the preset) and memory bandwidth from a large
-copy (bytes read + written). Then, for each preset, one step of the trainer's own stages at the vs-TRL
+(best of several `torch.mm` calls at rows x hidden x FFN of the preset) and memory bandwidth (the best of a
+large copy and a large in-place update, bytes read + written, sampled before each preset and after the last:
+the machine's bandwidth moves with its neighbours). Then, for each preset, one step of the trainer's own stages at the vs-TRL
 settings (B prompts x G completions, 224 px, N new tokens, fp32): rollout prefill, rollout decode, training
 forward, backward, optimizer step. FLOPs are counted by torch's `FlopCounterMode` (matmuls and attention);
 bytes are what a decode step must read (the language model's weights, each prompt's keys/values once per group
@@ -57,16 +58,23 @@ def decode_step_bytes(model, prompts: int, group: int, prompt_length: int, steps
     return weights + per_token * (prompts * prompt_length + prompts * group * steps / 2)
 
 
-def machine_limits(rows: int, hidden: int, ffn: int) -> dict:
-    """Peak fp32 matmul GFLOPS at [rows, hidden] x [hidden, ffn] (and its transpose), and copy bandwidth."""
+def matmul_gflops(rows: int, hidden: int, ffn: int) -> float:
+    """Peak fp32 matmul GFLOPS at [rows, hidden] x [hidden, ffn] and at its transpose's shapes."""
     a, b = torch.randn(rows, hidden), torch.randn(hidden, ffn)
     c, d = torch.randn(rows, ffn), torch.randn(ffn, hidden)
     flops = 2 * rows * hidden * ffn
-    gflops = max(flops / best_time(lambda: torch.mm(a, b)), flops / best_time(lambda: torch.mm(c, d))) / 1e9
-    src = torch.empty(128 * 2**20, dtype=torch.float32).uniform_()  # 512 MiB, far beyond any cache
+    return max(flops / best_time(lambda: torch.mm(a, b)), flops / best_time(lambda: torch.mm(c, d))) / 1e9
+
+
+def memory_bandwidth() -> dict:
+    """GB/s (bytes read + written) of a large copy (read one array, write another) and of a large in-place
+    update (read and write one array, as AdamW and a cache write do). A copy alone under-counts: its
+    destination is read into cache before it is written, a stream it is not credited with."""
+    src = torch.empty(128 * 2**20, dtype=torch.float32).uniform_()  # 512 MiB, far beyond the 32 MiB L3
     dst = torch.empty_like(src)
-    gbps = 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src), 3) / 1e9  # read + write
-    return {"matmul_gflops": gflops, "copy_gb_per_s": gbps, "matmul_shape": [rows, hidden, ffn]}
+    copy = 2 * src.numel() * 4 / best_time(lambda: dst.copy_(src)) / 1e9
+    update = 2 * src.numel() * 4 / best_time(lambda: src.mul_(1.0)) / 1e9
+    return {"copy_gb_per_s": copy, "update_gb_per_s": update}
 
 
 def count_flops(fn) -> tuple[float, object]:
@@ -163,7 +171,7 @@ def step_stages(preset: str, a) -> tuple[dict, list[dict]]:
 
 
 def roofline(rows: list[dict], limits: dict) -> list[dict]:
-    peak, bw = limits["matmul_gflops"] * 1e9, limits["copy_gb_per_s"] * 1e9
+    peak, bw = limits["matmul_gflops"] * 1e9, limits["memory_gb_per_s"] * 1e9
     for r in rows:
         compute, memory = r["flops"] / peak, r["bytes"] / bw
         r["bound"] = "compute" if compute >= memory else "memory"
@@ -190,23 +198,37 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     from gpg_vl.tiny import PRESETS
 
-    results = []
+    # This machine's memory bandwidth moves with its neighbours (a run measured 44-98 GB/s for the same update):
+    # it is sampled before each preset and once after the last, and the limit is the best sample, so that no
+    # stage is held to a bandwidth the machine was not giving at that moment
+    results, samples = [], []
     for preset in a.presets:
         p = PRESETS[preset]
         rows_tokens = a.prompts * a.group_size * (a.max_new_tokens + 80)  # the training forward's rows x tokens
-        limits = machine_limits(min(rows_tokens, 4096), p.hidden, p.ffn)
+        samples.append(memory_bandwidth())
+        shape = [min(rows_tokens, 4096), p.hidden, p.ffn]
+        limits = {"matmul_gflops": matmul_gflops(*shape), "matmul_shape": shape}
         sizes, rows = step_stages(preset, a)
-        rows = roofline(rows, limits)
         results.append({**sizes, "limits": limits, "stages": rows})
-        print(f"{preset} ({sizes['parameters_M']:.2f}M): peak {limits['matmul_gflops']:.0f} GFLOPS at {limits['matmul_shape']}, "
-              f"copy {limits['copy_gb_per_s']:.1f} GB/s, {torch.get_num_threads()} threads")
+    samples.append(memory_bandwidth())
+    bandwidth = max(max(b.values()) for b in samples)
+    print(f"memory bandwidth {bandwidth:.1f} GB/s, the best of {len(samples)} samples (copy "
+          f"{min(b['copy_gb_per_s'] for b in samples):.1f}-{max(b['copy_gb_per_s'] for b in samples):.1f}, in-place update "
+          f"{min(b['update_gb_per_s'] for b in samples):.1f}-{max(b['update_gb_per_s'] for b in samples):.1f}); "
+          f"{torch.get_num_threads()} threads")
+    for result in results:
+        limits = result["limits"]
+        limits["memory_gb_per_s"] = bandwidth
+        rows = roofline(result["stages"], limits)
+        print(f"{result['preset']} ({result['parameters_M']:.2f}M): peak {limits['matmul_gflops']:.0f} GFLOPS at {limits['matmul_shape']}")
         for r in rows:
             print(f"  {r['stage']:17s} {r['seconds']:8.3f} s  {r['gflops']:7.1f} GFLOPS  {r['gb_per_s']:6.1f} GB/s  "
                   f"{r['bound']:7s}-bound limit {r['limit_seconds']:.3f} s  = {100 * r['fraction']:5.1f}% of the limit  "
                   f"({r['seconds'] / r['memory_seconds']:.1f}x the memory-traffic limit {r['memory_seconds']:.3f} s)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"date": str(date.today()), "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(a)}
+    meta = {"date": str(date.today()), "machine": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "args": vars(a), "bandwidth_samples": samples}
     (out / "roofline.json").write_text(json.dumps({"meta": meta, "presets": results}, indent=1))
 
 
