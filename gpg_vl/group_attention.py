@@ -84,7 +84,7 @@ def group_attention(module, query, key, value, attention_mask, scaling=None, dro
     grouped = query.reshape(B, G, kv, r, D).transpose(1, 2).reshape(B, kv, G * r, D)
     on_prompt = torch.matmul(grouped, prompt_keys.transpose(-1, -2)).mul_(scale).add_(prompt.bias)
     on_prompt = on_prompt.view(B, kv, G, r, P).transpose(1, 2).reshape(N, kv, r, P)
-    # each row's queries against its own completion so far: [N, kv, r, done]
+    # each row's queries against its own completion so far: [N, kv, r, step + 1] (or [N, kv, r, slots], masked)
     rows = query.reshape(N, kv, r, D)
     if prompt.written is None:
         own_keys, own_values = key[:, :, : prompt.step + 1], value[:, :, : prompt.step + 1]
