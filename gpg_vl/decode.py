@@ -101,7 +101,7 @@ class DecodeStep:
     compile: wrap the step in `torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; the default
     mode on the CPU). The compiled function is kept, so later rollouts with the same shapes reuse its graph.
     On the CPU in float32 the graph takes in what the eager step runs there: the products with the weights of
-    `packed_linears` (through the opaque `packed_linear` operator, each packed copy a graph input) and group
+    `packed_linears` (through the opaque `register_packed_linear` operator, each packed copy a graph input) and group
     attention over every completion slot (`GroupPrompt.written`), so the one graph serves every rollout of a
     shape while the weights change between them.
     """
@@ -112,6 +112,7 @@ class DecodeStep:
         self.compiled = compile
         self._fn = self._forward
         if compile:
+            register_packed_linear()
             cuda = next(self.policy.parameters()).device.type == "cuda"
             self._fn = torch.compile(self._forward, mode="reduce-overhead" if cuda else None)
 
@@ -203,20 +204,28 @@ PACKED = "_gpg_vl_packed_weight"  # the attribute holding a layer's packed weigh
 def _packed_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = getattr(layer, PACKED)
     if torch.compiler.is_compiling():  # inductor lowers oneDNN's op for frozen weights only: keep it opaque
-        return packed_linear(x, packed, layer.bias)
+        return torch.ops.gpg_vl.packed_linear(x, packed, layer.bias)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, layer.bias, "none", [], "")
 
 
-@torch.library.custom_op("gpg_vl::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ W.T + bias with W packed by `torch.ops.mkldnn._reorder_linear_weight`, as one operator that
-    torch.compile calls as it is (its own lowering of oneDNN's op asserts a constant, frozen weight)."""
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+def register_packed_linear() -> None:
+    """Define the operator `torch.ops.gpg_vl.packed_linear` (once per process): x @ W.T + bias with W packed by
+    `torch.ops.mkldnn._reorder_linear_weight`, which torch.compile calls as it is (its own lowering of oneDNN's
+    op asserts a constant, frozen weight). Defined when a compiled step is built, not at import. Trap:
+    defined at import, a finished rank of a two-rank ZeRO-3 run died at exit with `terminate called without
+    an active exception` (the gloo exit abort of gpg_vl.cli.end_process_group) in 3 of 16 runs of
+    tests/test_deepspeed.py's zero3 test; 0 of 20 once defined here. Why the registration matters is not
+    known."""
+    if hasattr(torch.ops.gpg_vl, "packed_linear"):
+        return
 
+    @torch.library.custom_op("gpg_vl::packed_linear", mutates_args=())
+    def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
-@packed_linear.register_fake
-def _(x, packed, bias):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))  # a packed [out, in] weight keeps its logical shape
+    @packed_linear.register_fake
+    def _(x, packed, bias):
+        return x.new_empty((*x.shape[:-1], packed.shape[0]))  # a packed [out, in] weight keeps its logical shape
 
 
 def _text_modules(policy):
