@@ -47,8 +47,7 @@ def static_cache(model, prefix: PromptPrefix, max_cache_len: int, reuse: StaticC
     first = layers[0].keys
     if not _fits(reuse, first, max_cache_len):
         reuse = empty_cache(model, max_cache_len)
-    if len(layers) != len(reuse.layers):
-        raise RuntimeError(f"prefill cache has {len(layers)} layers, the static cache {len(reuse.layers)}")
+    _check_layers(len(layers), reuse)
     P = prefix.attention_mask.shape[1]
     for static, dynamic in zip(reuse.layers, layers):
         if not static.is_initialized:
@@ -71,11 +70,15 @@ def completion_cache(model, prompt_keys: list[torch.Tensor], prompt_values: list
     [B, kv_heads, P, head_dim]. Allocated now, not by the first forward: a compiled step then sees one
     initialised cache from its first token on (lazily, the first token would compile a graph of its own)."""
     cache = empty_cache(model, max_cache_len)
-    if len(cache.layers) != len(prompt_keys):
-        raise RuntimeError(f"prefill cache has {len(prompt_keys)} layers, the static cache {len(cache.layers)}")
+    _check_layers(len(prompt_keys), cache)
     for layer, keys, values in zip(cache.layers, prompt_keys, prompt_values):
         layer.lazy_initialization(keys.new_empty(rows, keys.shape[1], 0, keys.shape[3]), values.new_empty(rows, values.shape[1], 0, values.shape[3]))
     return cache
+
+
+def _check_layers(prefill_layers: int, cache: StaticCache) -> None:
+    if prefill_layers != len(cache.layers):
+        raise RuntimeError(f"prefill cache has {prefill_layers} layers, the static cache {len(cache.layers)}")
 
 
 def _fits(cache: StaticCache | None, keys: torch.Tensor, max_cache_len: int) -> bool:
@@ -101,9 +104,9 @@ class DecodeStep:
     compile: wrap the step in `torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; the default
     mode on the CPU). The compiled function is kept, so later rollouts with the same shapes reuse its graph.
     On the CPU in float32 the graph takes in what the eager step runs there: the products with the weights of
-    `packed_linears` (through the opaque `register_packed_linear` operator, each packed copy a graph input) and group
-    attention over every completion slot (`GroupPrompt.written`), so the one graph serves every rollout of a
-    shape while the weights change between them.
+    `packed_linears` (through the opaque operator `torch.ops.gpg_vl.packed_linear`, `register_packed_linear`;
+    each packed copy a graph input) and group attention over every completion slot (`GroupPrompt.written`),
+    so the one graph serves every rollout of a shape while the weights change between them.
     """
 
     def __init__(self, model, compile: bool = False):
