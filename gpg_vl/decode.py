@@ -214,11 +214,10 @@ def _packed_forward(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def register_packed_linear() -> None:
     """Define the operator `torch.ops.gpg_vl.packed_linear` (once per process): x @ W.T + bias with W packed by
     `torch.ops.mkldnn._reorder_linear_weight`, which torch.compile calls as it is (its own lowering of oneDNN's
-    op asserts a constant, frozen weight). Defined when a compiled step is built, not at import. Trap:
-    defined at import, a finished rank of a two-rank ZeRO-3 run died at exit with `terminate called without
-    an active exception` (the gloo exit abort of gpg_vl.cli.end_process_group) in 3 of 16 runs of
-    tests/test_deepspeed.py's zero3 test; 0 of 20 once defined here. Why the registration matters is not
-    known."""
+    op asserts a constant, frozen weight). Defined when a compiled step is built, not at import: a process
+    that never compiles registers nothing. (Defined at import, a finished ZeRO-3 rank aborted at exit in 3 of
+    16 runs of tests/test_deepspeed.py's zero3 test, 0 of 20 once defined here; but the abort came back once
+    after that in CI, so the registration was not shown to be its cause: gpg_vl.cli.entry is the fix.)"""
     if hasattr(torch.ops.gpg_vl, "packed_linear"):
         return
 

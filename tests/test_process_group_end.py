@@ -98,3 +98,39 @@ def test_ending_the_group_stops_its_worker_threads_after_a_model_module_was_impo
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == "0", f"threads left running: {proc.stdout.split()[-1]}"
+
+
+ENTRY_AFTER_SUCCESS = """
+import atexit, sys
+import torch.distributed as dist
+from gpg_vl import cli, trainer
+
+store = sys.argv[1]
+
+def run(args):
+    dist.init_process_group("gloo", init_method="file://" + store, rank=0, world_size=1)
+    return 0
+
+class Finalised:
+    def __del__(self):
+        print("finalised", flush=True)  # runs when the interpreter finalises its modules
+
+kept = Finalised()
+trainer.run = run
+atexit.register(lambda: print("exit handler ran", flush=True))
+sys.argv = ["gpg-vl", "train"]
+cli.entry()
+print("not reached")
+"""
+
+
+def test_a_finished_rank_ends_after_its_exit_handlers_without_finalising(tmp_path):
+    """`gpg-vl` (cli.entry) on a rank of a multi-process launch whose run succeeded: Python's exit handlers run,
+    the exit status is 0, and the process ends there (os._exit), before the interpreter's finalisation."""
+    script = tmp_path / "entry.py"
+    script.write_text(ENTRY_AFTER_SUCCESS)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "store")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exit handler ran" in proc.stdout and "not reached" not in proc.stdout
+    assert "finalised" not in proc.stdout  # ended before the interpreter's finalisation
